@@ -1,0 +1,237 @@
+"""The ``lisa-tune`` command line: a thin layer over the library API.
+
+Errors the user can fix are ``LisaTuneError`` subclasses; they print one line and exit with their status
+(2 for invalid input) and show a traceback only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from lisa_tune.errors import InputError, LisaTuneError
+from lisa_tune.log import configure_logging
+
+logger = logging.getLogger(__name__)
+
+_state = {"debug": False}
+
+PRECISIONS = ("bf16", "amp-bf16", "fp32")
+POLICIES = ("reset", "persistent")
+ADAMW_IMPLEMENTATIONS = ("foreach", "fused", "for-loop")
+
+
+def _parse_gamma(value: str) -> int | None:
+    if value.lower() in ("all", "full"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(
+            f"invalid --gamma {value!r}: pass a number of layers (for example 2) or 'full' for full fine-tuning."
+        ) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("-v", "--verbose", count=True, help="Log more: -v adds debug messages.")
+@click.option("-q", "--quiet", count=True, help="Log less: -q keeps warnings, -qq only errors.")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.version_option(package_name="lisa-tune")
+def cli(verbose: int, quiet: int, debug: bool) -> None:
+    """Plan, tune and run LISA fine-tuning of large language models on the GPU you have.
+
+    LISA (Layerwise Importance Sampled AdamW, Pan et al. 2024, arXiv 2403.17919) always trains the embedding and
+    LM head plus gamma decoder layers drawn at random, redrawn every K optimizer steps.
+    """
+    _state["debug"] = debug
+    configure_logging(verbose - quiet)
+
+
+@cli.command()
+@click.option(
+    "--model",
+    "model_spec",
+    default="llama-2-7b",
+    show_default=True,
+    help="Bundled model name, a model directory, a config.json, or a Hub id already in the local cache.",
+)
+@click.option(
+    "--gamma",
+    default="2",
+    show_default=True,
+    help="Decoder layers trained per period (1 to the layer count), or 'full' for full fine-tuning.",
+)
+@click.option(
+    "--batch",
+    "micro_batch",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Micro-batch size: sequences per forward pass.",
+)
+@click.option("--seq", "sequence_length", type=int, default=1024, show_default=True, help="Sequence length in tokens.")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="bf16",
+    show_default=True,
+    help="bf16: weights, gradients and AdamW state in bf16. amp-bf16: fp32 weights with bf16 autocast. "
+    "fp32: everything in fp32.",
+)
+@click.option(
+    "--grad-ckpt/--no-grad-ckpt",
+    default=False,
+    show_default=True,
+    help="Gradient (activation) checkpointing of every decoder layer.",
+)
+@click.option(
+    "--attention",
+    type=click.Choice(("sdpa", "eager")),
+    default="sdpa",
+    show_default=True,
+    help="Attention implementation. sdpa runs flash or memory-efficient kernels on CUDA; eager "
+    "materialises the score matrix.",
+)
+@click.option(
+    "--policy",
+    type=click.Choice(POLICIES),
+    default="reset",
+    show_default=True,
+    help="Optimizer state of layers leaving the active set: reset frees it, persistent keeps it.",
+)
+@click.option(
+    "--periods",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Sampling periods to simulate; with --policy persistent the state grows over them.",
+)
+@click.option(
+    "--device",
+    "target_device",
+    type=click.Choice(("cuda", "cpu")),
+    default="cuda",
+    show_default=True,
+    help="Device the prediction is for.",
+)
+@click.option(
+    "--gpu",
+    "gpu_name",
+    default=None,
+    help="GPU profile (for example rtx4090) that supplies the CUDA context and cuBLAS workspace sizes.",
+)
+@click.option(
+    "--adamw",
+    type=click.Choice(ADAMW_IMPLEMENTATIONS),
+    default=None,
+    help="AdamW implementation. Default: PyTorch's default for the device (foreach on CUDA, for-loop on CPU).",
+)
+@click.option("--freeze-embedding", is_flag=True, help="Keep the input embedding frozen.")
+@click.option(
+    "--layers-path",
+    default=None,
+    help="Dotted path of the decoder layer list, for architectures lisa-tune does not know.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the layer sampler.")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON (see docs/estimate-json.md).")
+def estimate(
+    model_spec: str,
+    gamma: str,
+    micro_batch: int,
+    sequence_length: int,
+    precision: str,
+    grad_ckpt: bool,
+    attention: str,
+    policy: str,
+    periods: int,
+    target_device: str,
+    gpu_name: str | None,
+    adamw: str | None,
+    freeze_embedding: bool,
+    layers_path: str | None,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Predict the peak memory of one LISA training step, with a breakdown by category."""
+    from lisa_tune.profiles import find_gpu_profile, resolve_model
+
+    source = resolve_model(model_spec)
+    gpu = find_gpu_profile(gpu_name) if gpu_name else None
+
+    from lisa_tune.lisa.controller import OptimizerStatePolicy
+    from lisa_tune.lisa.optim import AdamWImplementation
+    from lisa_tune.lisa.precision import Precision
+    from lisa_tune.memory.simulator import SimulationConfig, simulate, validate
+    from lisa_tune.modeling import hidden_size, max_positions
+
+    if hidden_size(source.config) is None:
+        raise InputError(
+            f"model config {source.config_path} states no hidden size (hidden_size or n_embd); "
+            "pass a complete Hugging Face config.json."
+        )
+    config = SimulationConfig(
+        model_config=source.config,
+        model_name=source.name,
+        gamma=_parse_gamma(gamma),
+        micro_batch_size=micro_batch,
+        sequence_length=sequence_length,
+        precision=Precision(precision),
+        gradient_checkpointing=grad_ckpt,
+        attention=attention,
+        policy=OptimizerStatePolicy(policy),
+        periods=periods,
+        target_device=target_device,
+        adamw=AdamWImplementation(adamw) if adamw else None,
+        freeze_embedding=freeze_embedding,
+        layers_path=layers_path,
+        seed=seed,
+        gpu=gpu,
+    )
+    validate(config)
+    limit = max_positions(source.config)
+    if limit is not None and sequence_length > limit:
+        logger.warning(
+            "sequence length %d is %d tokens longer than the model's %d position embeddings; "
+            "the estimate assumes the model is extended to it",
+            sequence_length,
+            sequence_length - limit,
+            limit,
+        )
+    result = simulate(config)
+    from lisa_tune.memory.report import estimate_to_dict, print_estimate
+
+    if as_json:
+        click.echo(json.dumps(estimate_to_dict(result), indent=2))
+    else:
+        print_estimate(result)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line and return its exit status."""
+    try:
+        cli.main(args=argv, prog_name="lisa-tune", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 130
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except click.exceptions.Exit as exit_request:
+        return int(exit_request.exit_code)
+    except LisaTuneError as error:
+        if _state["debug"]:
+            traceback.print_exc()
+        click.echo(f"Error: {error}", err=True)
+        return error.exit_code
+    return 0
+
+
+def entry_point(*args: Any) -> None:
+    """Console-script entry point."""
+    del args
+    sys.exit(main())
