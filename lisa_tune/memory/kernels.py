@@ -15,7 +15,8 @@ is a ``TorchFunctionMode`` that, during a trace:
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -202,3 +203,25 @@ def no_workspace_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     """Return 0: the target's kernels have no modelled workspace."""
     del func, args, kwargs
     return 0
+
+
+@contextmanager
+def fused_adamw_on_meta() -> Iterator[None]:
+    """Let ``AdamW(fused=True)`` step meta parameters, whose fused kernel has a meta implementation.
+
+    PyTorch's device check before the fused step rejects the meta device; the check is skipped only inside this
+    context, so the trace runs the fused code path the GPU runs.
+    """
+    import torch.optim.adam as adam_module
+
+    original = adam_module._device_dtype_check_for_fused
+
+    def accept_meta(parameter: torch.Tensor, cuda_unsupported: bool = False) -> None:
+        if parameter.device.type != "meta":
+            original(parameter, cuda_unsupported)
+
+    adam_module._device_dtype_check_for_fused = accept_meta
+    try:
+        yield
+    finally:
+        adam_module._device_dtype_check_for_fused = original

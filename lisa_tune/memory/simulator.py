@@ -30,7 +30,7 @@ from lisa_tune.lisa.precision import Precision
 from lisa_tune.lisa.step import Phase, train_step
 from lisa_tune.memory.allocator import CachingAllocatorModel
 from lisa_tune.memory.categories import MemoryCategory
-from lisa_tune.memory.kernels import TargetKernels, cuda_workspace_rule, no_workspace_rule
+from lisa_tune.memory.kernels import TargetKernels, cuda_workspace_rule, fused_adamw_on_meta, no_workspace_rule
 from lisa_tune.memory.tracker import PeakReport, StorageTracker
 from lisa_tune.modeling import build_model, layer_count
 from lisa_tune.profiles import GpuProfile
@@ -115,6 +115,9 @@ class MemoryEstimate:
     optimizer_state_bytes_at_end: int
     trace_seconds: float
     build_seconds: float
+    at_optimizer_step: dict[MemoryCategory, int]
+    """Bytes by category as the last traced optimizer step starts: every gradient and, in the steady-state step,
+    every optimizer state of the period are alive then."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -242,7 +245,7 @@ def simulate(config: SimulationConfig) -> MemoryEstimate:
 
     trace_start = time.perf_counter()
     try:
-        with kernels, tracker:
+        with kernels, tracker, fused_adamw_on_meta():
             for period in range(config.periods):
                 last_period = period == config.periods - 1
                 if not last_period:
@@ -298,6 +301,7 @@ def simulate(config: SimulationConfig) -> MemoryEstimate:
         optimizer_state_bytes_at_end=_optimizer_state_bytes(optimizer, frozenset({"meta"})),
         trace_seconds=trace_seconds,
         build_seconds=build_seconds,
+        at_optimizer_step=tracker.live_by_category_at_phase_start(tracker.step, Phase.OPTIMIZER),
         notes=notes,
     )
 

@@ -88,12 +88,15 @@ class StorageTracker(TorchDispatchMode):  # type: ignore[misc]
         self._no_activation_modules: set[str] = set()
         self._hooks: list[Any] = []
         self.recording = True
+        self.phase_starts: dict[tuple[int, str], int] = {}
+        """Number of events recorded when each (step, phase) began."""
 
     # Context -------------------------------------------------------------------------------------------------
 
     def set_phase(self, phase: Phase | str) -> None:
         """Attribute the next allocations to ``phase``."""
         self.phase = phase.value if isinstance(phase, Phase) else phase
+        self.phase_starts.setdefault((self.step, self.phase), len(self.events))
         if self.phase == Phase.FORWARD.value:
             self.backward_module = ""
 
@@ -301,6 +304,12 @@ class StorageTracker(TorchDispatchMode):  # type: ignore[misc]
             final_by_category=self._sum_by_category(alive_at_end),
             phase_peaks=phase_peaks,
         )
+
+    def live_by_category_at_phase_start(self, step: int, phase: Phase | str) -> dict[MemoryCategory, int]:
+        """Break down the bytes alive when ``phase`` of ``step`` began."""
+        name = phase.value if isinstance(phase, Phase) else phase
+        start = self.phase_starts[(step, name)]
+        return self._sum_by_category(self._alive_after(start - 1))
 
     def _alive_after(self, last_event: int) -> list[int]:
         alive: set[int] = set()
