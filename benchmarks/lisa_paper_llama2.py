@@ -59,11 +59,12 @@ def main() -> None:
             assert device is not None
             paper = PAPER_GB[method]
             gap = 100 * (device.total_bytes / GB - paper) / paper
+            seconds = time.perf_counter() - start
             context = estimate.peak.context
             print(
                 f"| {method} | {adamw.value} | {sequence} | {paper:.0f} | {estimate.tensor_peak_bytes / GB:.1f} "
                 f"| {device.allocated_bytes / GB:.1f} | {device.reserved_bytes / GB:.1f} "
-                f"| {device.total_bytes / GB:.1f} | {gap:+.0f}% | {context.phase} ({time.perf_counter() - start:.1f} s) |",
+                f"| {device.total_bytes / GB:.1f} | {gap:+.0f}% | {context.phase} ({seconds:.1f} s) |",
                 flush=True,
             )
 

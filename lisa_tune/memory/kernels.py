@@ -214,14 +214,15 @@ def fused_adamw_on_meta() -> Iterator[None]:
     """
     import torch.optim.adam as adam_module
 
-    original = adam_module._device_dtype_check_for_fused
+    name = "_device_dtype_check_for_fused"
+    original = getattr(adam_module, name)
 
-    def accept_meta(parameter: torch.Tensor, cuda_unsupported: bool = False) -> None:
-        if parameter.device.type != "meta":
-            original(parameter, cuda_unsupported)
+    def accept_meta(p: torch.Tensor, cuda_unsupported: bool = False) -> None:
+        if p.device.type != "meta":
+            original(p, cuda_unsupported)
 
-    adam_module._device_dtype_check_for_fused = accept_meta
+    setattr(adam_module, name, accept_meta)
     try:
         yield
     finally:
-        adam_module._device_dtype_check_for_fused = original
+        setattr(adam_module, name, original)
