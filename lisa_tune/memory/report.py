@@ -140,7 +140,9 @@ def print_estimate(estimate: MemoryEstimate, console: Console | None = None) -> 
             f"max_memory_allocated {device.allocated_bytes / GIB:.2f} GiB, max_memory_reserved "
             f"{device.reserved_bytes / GIB:.2f} GiB (caching-allocator model); CUDA context "
             f"{device.cuda_context_bytes / GIB:.2f} GiB and cuBLAS workspace "
-            f"{device.cublas_workspace_bytes / 2**20:.0f} MiB are estimates from the GPU profile."
+            f"{device.cublas_workspace_bytes / 2**20:.0f} MiB are estimates from the GPU profile. "
+            "Before raising out-of-memory, PyTorch frees cached segments and retries, so a card whose free memory "
+            "lies between the allocated and reserved figures may still fit, with more allocator calls."
         )
     console.print(
         f"Trainable parameters this period: {estimate.trainable_parameter_count:,} of {estimate.parameter_count:,}; "

@@ -118,6 +118,8 @@ class MemoryEstimate:
     at_optimizer_step: dict[MemoryCategory, int]
     """Bytes by category as the last traced optimizer step starts: every gradient and, in the steady-state step,
     every optimizer state of the period are alive then."""
+    at_backward_start: dict[MemoryCategory, int]
+    """Bytes by category as the last traced backward starts, when the saved activations are all alive."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -302,6 +304,7 @@ def simulate(config: SimulationConfig) -> MemoryEstimate:
         trace_seconds=trace_seconds,
         build_seconds=build_seconds,
         at_optimizer_step=tracker.live_by_category_at_phase_start(tracker.step, Phase.OPTIMIZER),
+        at_backward_start=tracker.live_by_category_at_phase_start(tracker.step, Phase.BACKWARD),
         notes=notes,
     )
 
