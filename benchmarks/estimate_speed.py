@@ -18,7 +18,9 @@ def main() -> None:
     start = time.perf_counter()
     import torch
     import transformers
-    import transformers.models.llama.modeling_llama  # noqa: F401  (the modeling module transformers loads lazily)
+
+    # transformers loads each modeling module lazily; import it here so the build time excludes it.
+    import transformers.models.llama.modeling_llama
 
     from lisa_tune.lisa.precision import Precision
     from lisa_tune.memory.simulator import SimulationConfig, simulate
