@@ -1,7 +1,7 @@
 """The ``lisa-tune`` command line: a thin layer over the library API.
 
-Errors the user can fix are ``LisaTuneError`` subclasses; they print one line and exit with their status
-(2 for invalid input) and show a traceback only with ``--debug``.
+Errors the user can fix are ``LisaTuneError`` subclasses. Each prints one line and exits with its status
+(2 for invalid input); a traceback is shown only with ``--debug``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 
 class OptimizerStatePolicy(str, enum.Enum):
-    """What happens to the AdamW state of layers that leave the active set."""
+    """The policy for the AdamW state of layers that leave the active set."""
 
     RESET = "reset"
     """Free the outgoing layers' state and gradients; memory stays bounded by gamma layers."""

@@ -82,7 +82,8 @@ class TargetKernels(TorchFunctionMode):
         """Return the forward and recomputation contexts for ``torch.utils.checkpoint``'s ``context_fn``.
 
         Autograd may run backward, and so a checkpointed layer's recomputation, on a thread where this mode is not
-        active; the recomputation gets a copy of it, without the weight cache, as autocast has none there.
+        active. The recomputation therefore gets a copy of the mode without the weight cache, because autocast
+        keeps no cache there either.
         """
         recompute = TargetKernels(self.target_device, self.autocast_dtype)
         recompute.cache_casts = False
@@ -179,7 +180,7 @@ def cuda_workspace_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     to 128) and ``dq_accum`` (fp32, batch x rounded sequence x heads x head dim rounded up to 32). With fewer key/value
     heads than query heads it first computes ``dk`` and ``dv`` for every query head (input dtype, batch x sequence x
     heads x head dim each) and sums them per group. The memory-efficient backward allocates an fp32 ``delta``
-    (batch x heads x sequence) and a workspace of about an fp32 copy of ``dq``; that size depends on the kernel
+    (batch x heads x sequence) and a workspace of about an fp32 copy of ``dq``. That size depends on the kernel
     instance, so it is an estimate.
     """
     del kwargs
@@ -209,8 +210,8 @@ def no_workspace_rule(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
 def fused_adamw_on_meta() -> Iterator[None]:
     """Let ``AdamW(fused=True)`` step meta parameters, whose fused kernel has a meta implementation.
 
-    PyTorch's device check before the fused step rejects the meta device; the check is skipped only inside this
-    context, so the trace runs the fused code path the GPU runs.
+    PyTorch's device check before the fused step rejects the meta device. The check is skipped for meta parameters
+    inside this context only, so the trace runs the fused code path the GPU runs.
     """
     import torch.optim.adam as adam_module
 

@@ -26,7 +26,7 @@ _CATEGORY_LABELS = {
     MemoryCategory.ALLOCATOR_RESERVE: "allocator reserve",
 }
 
-# How each figure is obtained, so that the output says which ones are estimates.
+# The basis of each figure, so the output marks which ones are estimates.
 _CATEGORY_BASIS = {
     MemoryCategory.PARAMETERS: "traced",
     MemoryCategory.GRADIENTS: "traced",

@@ -1,6 +1,6 @@
 """A dispatch-level tracker that records every tensor storage allocated and freed during a traced step.
 
-``StorageTracker`` is a ``TorchDispatchMode``: it sees each ATen operator below autograd, so it sees the saved
+``StorageTracker`` is a ``TorchDispatchMode``. It intercepts each ATen operator below autograd, so it records the saved
 tensors, the gradients and the optimizer's temporaries as they are created. A storage counts once however many
 views share it, and its free is observed through a weak reference to the Python storage object, which PyTorch keeps
 alive for exactly as long as the C++ storage lives.
@@ -36,7 +36,7 @@ _FREED = -1
 
 @dataclass(frozen=True)
 class Context:
-    """Where an allocation happened."""
+    """The location of an allocation: step, phase, module and operator."""
 
     step: int
     phase: str
@@ -114,8 +114,8 @@ class StorageTracker(TorchDispatchMode):  # type: ignore[misc]
         return index
 
     def _default_category(self) -> MemoryCategory:
-        # Tensors made inside the model body's forward (also when checkpointing recomputes it during backward)
-        # are activations; logits and loss come from the output embedding or the top-level module.
+        # Tensors made inside the model body's forward are activations, also when checkpointing recomputes them
+        # during backward. Logits and loss come from the output embedding or the top-level module.
         if len(self._module_stack) >= 2 and self._module_stack[-1] not in self._no_activation_modules:
             return MemoryCategory.ACTIVATIONS
         return MemoryCategory.TEMPORARIES
@@ -176,7 +176,7 @@ class StorageTracker(TorchDispatchMode):  # type: ignore[misc]
         kwargs = kwargs or {}
         if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
             # Meta tensors have no values. The one data-dependent check transformers makes in a training forward
-            # asks whether sequences are packed (``.all()`` is True for unpacked ones), so answer True, or 0.
+            # tests whether sequences are packed (``.all()`` is True for unpacked ones), so answer True, or 0.
             return True if args[0].dtype == torch.bool else 0
         operator = str(func)
         workspace_bytes = self.workspace(func, args, kwargs) if self.workspace is not None else 0
