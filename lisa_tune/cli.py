@@ -162,6 +162,11 @@ def estimate(
 
     source = resolve_model(model_spec)
     gpu = find_gpu_profile(gpu_name) if gpu_name else None
+    if gpu is not None and target_device == "cpu":
+        raise InputError(
+            f"--gpu {gpu_name} sets the CUDA context of a CUDA prediction and has no effect with --device cpu; "
+            "drop --gpu or use --device cuda."
+        )
 
     from lisa_tune.lisa.controller import OptimizerStatePolicy
     from lisa_tune.lisa.optim import AdamWImplementation

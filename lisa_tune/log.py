@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 ROOT_LOGGER_NAME = "lisa_tune"
 
@@ -23,10 +25,19 @@ def configure_logging(verbosity: int = 0) -> logging.Logger:
 
     logger = logging.getLogger(ROOT_LOGGER_NAME)
     logger.setLevel(level)
-    if not any(getattr(handler, "_lisa_tune", False) for handler in logger.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        handler._lisa_tune = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
+    # Replace the handler on every call: it binds the current sys.stderr, which test runners and notebooks swap.
+    for handler in [h for h in logger.handlers if getattr(h, "_lisa_tune", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler._lisa_tune = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
     logger.propagate = False
+    # Libraries lisa-tune drives log through their own loggers; -q quiets their warnings too.
+    library_level = logging.ERROR if verbosity < 0 else logging.WARNING
+    for library in ("transformers", "torch", "accelerate"):
+        logging.getLogger(library).setLevel(library_level)
+    # transformers reads this variable when it is first imported, which comes later; a value the user set stays.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error" if verbosity < 0 else "warning")
+
     return logger

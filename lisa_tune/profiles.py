@@ -146,6 +146,10 @@ def _hub_cached_config(model_id: str) -> Path | None:
 
 def resolve_model(spec: str) -> ModelSource:
     """Resolve ``--model``: a bundled name, a model directory, a ``config.json`` path, or a cached Hub id."""
+    if not spec.strip():
+        raise InputError(
+            "--model is empty: pass a bundled name such as llama-2-7b, a model directory or a config.json."
+        )
     path = Path(spec).expanduser()
     if path.is_dir():
         config_path = path / "config.json"
@@ -154,6 +158,10 @@ def resolve_model(spec: str) -> ModelSource:
         return ModelSource(spec, config_path, _read_config(config_path, str(config_path)))
     if path.is_file():
         return ModelSource(spec, path, _read_config(path, spec))
+
+    looks_like_path = spec.endswith(".json") or spec.startswith((".", "~", os.sep)) or spec.count("/") > 1
+    if looks_like_path:
+        raise InputError(f"model path {spec} not found. Check the path, or pass a bundled name or a Hub id.")
 
     bundled = profiles_dir() / "models" / spec.lower() / "config.json"
     if bundled.is_file():

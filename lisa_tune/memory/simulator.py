@@ -153,7 +153,8 @@ def validate(config: SimulationConfig) -> int:
     problems: list[str] = []
     if layers is None:
         problems.append(
-            "the model config states no layer count (num_hidden_layers or n_layer); pass a full config.json"
+            f"the config of model {config.model_name} states no layer count (num_hidden_layers or n_layer); "
+            "pass a complete Hugging Face config.json"
         )
     if config.gamma is not None and layers is not None and not 1 <= config.gamma <= layers:
         problems.append(f"gamma {config.gamma} is outside 1 to the model's {layers} layers; pass --gamma 1 to {layers}")
