@@ -233,6 +233,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         click.echo(f"Error: {error}", err=True)
         return error.exit_code
+    except Exception as error:
+        if _state["debug"]:
+            traceback.print_exc()
+        else:
+            click.echo(
+                f"Error: unexpected {type(error).__name__}: {error}. Rerun with --debug for the traceback.", err=True
+            )
+        return 1
     return 0
 
 

@@ -58,12 +58,17 @@ def build_model(
         )
     hf_config = load_config(config)
     hf_config.use_cache = False
+    model_class: Any = transformers.AutoModelForCausalLM._model_mapping.get(type(hf_config), None)
+    if attn_implementation == "sdpa" and not getattr(model_class, "_supports_sdpa", True):
+        raise InputError(
+            f"{getattr(model_class, '__name__', 'this model')} does not support sdpa attention in transformers "
+            f"{transformers.__version__}; pass --attention eager."
+        )
+    options: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     with torch.device(device), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            model = transformers.AutoModelForCausalLM.from_config(
-                hf_config, dtype=dtype, attn_implementation=attn_implementation
-            )
+            model = transformers.AutoModelForCausalLM.from_config(hf_config, **options)
         except ValueError as error:
             raise InputError(f"cannot build a causal LM from this config: {error}") from error
     if gradient_checkpointing:
@@ -77,6 +82,11 @@ def build_model(
     model.train()
     assert isinstance(model, nn.Module)
     return model
+
+
+def is_mixture_of_experts(config: dict[str, Any]) -> bool:
+    """Return True when the config describes a mixture-of-experts model."""
+    return any(key in config for key in ("num_local_experts", "num_experts", "n_routed_experts"))
 
 
 def max_positions(config: dict[str, Any]) -> int | None:

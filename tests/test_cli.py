@@ -597,6 +597,13 @@ def test_gpu_with_cpu_target_rejected(capsys: pytest.CaptureFixture[str]) -> Non
     assert "--device cuda" in err
 
 
+def test_gemma2_sdpa_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run(capsys, "estimate", "--model", "tiny-gemma2", "--seq", "16")
+
+    assert status == 2
+    assert "--attention eager" in err
+
+
 def test_empty_model_rejected(capsys: pytest.CaptureFixture[str]) -> None:
     status, _, err = run(capsys, "estimate", "--model", "")
 

@@ -146,7 +146,12 @@ class LisaController:
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        """Restore the sampler and the active layers saved by ``state_dict``."""
+        """Restore the sampler and the active layers saved by ``state_dict``; K and the policy must match."""
+        if state.get("interval") != self.interval or state.get("policy") != self.policy.value:
+            raise InputError(
+                f"the saved LISA state has K={state.get('interval')} and policy {state.get('policy')}, but this run "
+                f"has K={self.interval} and policy {self.policy.value}; resume with the same settings."
+            )
         sampler_state = state["sampler"]
         assert isinstance(sampler_state, dict)
         self.sampler.load_state_dict(sampler_state)

@@ -32,7 +32,7 @@ from lisa_tune.memory.allocator import CachingAllocatorModel
 from lisa_tune.memory.categories import MemoryCategory
 from lisa_tune.memory.kernels import TargetKernels, cuda_workspace_rule, fused_adamw_on_meta, no_workspace_rule
 from lisa_tune.memory.tracker import PeakReport, StorageTracker
-from lisa_tune.modeling import build_model, layer_count
+from lisa_tune.modeling import build_model, is_mixture_of_experts, layer_count
 from lisa_tune.profiles import GpuProfile
 
 logger = logging.getLogger(__name__)
@@ -164,6 +164,13 @@ def validate(config: SimulationConfig) -> int:
         problems.append(f"sequence length {config.sequence_length} is below 1; pass --seq 1 or more")
     if config.periods < 1:
         problems.append(f"periods {config.periods} is below 1; pass --periods 1 or more")
+    if is_mixture_of_experts(config.model_config) and config.precision is not Precision.BF16:
+        # transformers runs experts through torch._grouped_mm, whose meta kernel in torch 2.13 takes bf16 only. Its
+        # per-expert loop selects tokens with torch.nonzero, which has no meta kernel, so neither can be traced.
+        problems.append(
+            f"mixture-of-experts models can only be estimated with --precision bf16, not {config.precision.value}: "
+            "torch's meta kernel for grouped matrix products accepts bf16 inputs only"
+        )
     if config.target_device not in ("cuda", "cpu"):
         problems.append(f"target device {config.target_device!r} is invalid; use cuda or cpu")
     if problems:
