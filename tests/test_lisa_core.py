@@ -461,7 +461,9 @@ def test_freeze_embedding_untied() -> None:
     assert all(parameter is not embedding for parameter in controller.trainable_parameters())
 
 
-def test_freeze_embedding_tied_warns(caplog: pytest.LogCaptureFixture) -> None:
+def test_freeze_embedding_tied_warns(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The command line stops lisa_tune records at its own handler; caplog listens on the root logger.
+    monkeypatch.setattr(logging.getLogger("lisa_tune"), "propagate", True)
     model = _cpu_model("tiny-gpt2")
     with caplog.at_level(logging.WARNING, logger="lisa_tune.lisa.controller"):
         controller = LisaController(model, gamma=2, interval=1, freeze_embedding=True)
