@@ -162,3 +162,13 @@ def test_peak_location_reported() -> None:
     estimate = simulate(SimulationConfig(model_config=tiny(), gamma=None, sequence_length=256))
     assert estimate.peak.context.phase in {"forward", "backward", "optimizer step"}
     assert estimate.peak.context.step == 2
+
+
+def test_worst_case_placement_bounds_draws() -> None:
+    # The top gamma layers give the highest backward peak: their gradients appear while most activations live.
+    base = SimulationConfig(model_config=tiny(num_hidden_layers=8), gamma=2, sequence_length=256)
+    worst = simulate(base)
+    assert worst.active_layers == [6, 7]
+    for seed in range(4):
+        sampled = simulate(replace(base, worst_case_layers=False, seed=seed))
+        assert sampled.tensor_peak_bytes <= worst.tensor_peak_bytes

@@ -85,6 +85,7 @@ class LisaController:
         self.optimizer_steps = 0
         self.switches = 0
         self.visited_layers: set[int] = set()
+        self._visited_before_period: set[int] = set()
         self._start()
 
     def _start(self) -> None:
@@ -96,6 +97,7 @@ class LisaController:
         self._activate(first)
 
     def _activate(self, layers: list[int]) -> None:
+        self._visited_before_period = set(self.visited_layers)
         chosen = set(layers)
         for index, parameters in enumerate(self.layer_parameters):
             for parameter in parameters:
@@ -118,6 +120,16 @@ class LisaController:
             return False
         self.switch(optimizer)
         return True
+
+    def place(self, layers: list[int]) -> None:
+        """Replace the current period's layers before any of its steps has run.
+
+        The memory simulator uses this to trace a chosen placement; the replaced draw counts as never visited.
+        """
+        visited_before = self._visited_before_period
+        self._activate(sorted(layers))
+        self.visited_layers = visited_before | set(layers)
+        self._visited_before_period = visited_before
 
     def switch(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Draw the next period's layers and apply the optimizer-state policy to the outgoing ones."""

@@ -71,6 +71,9 @@ class SimulationConfig:
     freeze_embedding: bool = False
     layers_path: str | None = None
     seed: int = 0
+    worst_case_layers: bool = True
+    """Trace the last period with the top gamma layers active, the placement with the highest backward peak.
+    False traces the layers the seeded sampler draws."""
     gpu: GpuProfile | None = None
     """Supplies the CUDA context and cuBLAS workspace; None leaves both at zero."""
 
@@ -261,6 +264,11 @@ def simulate(config: SimulationConfig) -> MemoryEstimate:
                 if not last_period:
                     _optimizer_only_period(controller, optimizer, tracker)
                     continue
+                if config.worst_case_layers and not controller.full_fine_tuning:
+                    # Backward runs from the top layer down, so gradients of the top layers are allocated while
+                    # almost every activation is still alive; lower layers' gradients appear after most are freed.
+                    top = list(range(controller.num_layers - controller.gamma, controller.num_layers))
+                    controller.place(top)
                 for _ in range(STEPS_PER_PERIOD):
                     tracker.step += 1
                     tracker.set_phase("inputs")

@@ -59,6 +59,9 @@ def measure_cpu_step(config: SimulationConfig, data_seed: int = 0) -> int:
             layers_path=config.layers_path,
         )
         optimizer = build_adamw(model, implementation=config.adamw_implementation)
+        if config.worst_case_layers and not controller.full_fine_tuning:
+            # The same placement the simulator traces.
+            controller.place(list(range(controller.num_layers - controller.gamma, controller.num_layers)))
         forward_context = (
             (lambda: torch.autocast("cpu", dtype=config.precision.autocast_dtype))
             if config.precision.autocast_dtype is not None
