@@ -173,7 +173,7 @@ def resolve_model(spec: str) -> ModelSource:
             return ModelSource(spec, cached, _read_config(cached, str(cached)))
         raise InputError(
             f"model {spec!r} is not a local path and its config.json is not in the Hugging Face cache. "
-            f"lisa-tune never downloads: run `huggingface-cli download {spec} config.json` first, "
+            f"lisa-tune never downloads: run `hf download {spec} config.json` first, "
             "or pass a local directory or config.json."
         )
 

@@ -121,11 +121,17 @@ class LisaController:
         self.switch(optimizer)
         return True
 
-    def place(self, layers: list[int]) -> None:
+    def place(self, layers: list[int], optimizer: torch.optim.Optimizer | None = None) -> None:
         """Replace the current period's layers before any of its steps has run.
 
-        The memory simulator uses this to trace a chosen placement; the replaced draw counts as never visited.
+        The memory simulator uses this to trace a chosen placement; the replaced draw counts as never visited, and
+        layers leaving the active set get the optimizer-state policy as in ``switch``.
         """
+        for index in set(self.active_layers) - set(layers):
+            for parameter in self.layer_parameters[index]:
+                parameter.grad = None
+                if self.policy is OptimizerStatePolicy.RESET and optimizer is not None:
+                    optimizer.state.pop(parameter, None)
         visited_before = self._visited_before_period
         self._activate(sorted(layers))
         self.visited_layers = visited_before | set(layers)

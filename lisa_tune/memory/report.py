@@ -123,9 +123,10 @@ def print_estimate(estimate: MemoryEstimate, console: Console | None = None) -> 
         ):
             continue
         share = f"{100 * value / total:.1f}%" if total else "-"
-        table.add_row(
-            _CATEGORY_LABELS[category], f"{value / GIB:.2f}", f"{value / GB:.2f}", share, _CATEGORY_BASIS[category]
-        )
+        basis = _CATEGORY_BASIS[category]
+        if category is MemoryCategory.CUDA_CONTEXT and config.gpu is None:
+            basis = "not included: pass --gpu"
+        table.add_row(_CATEGORY_LABELS[category], f"{value / GIB:.2f}", f"{value / GB:.2f}", share, basis)
     table.add_row(
         "[bold]total at peak[/bold]", f"[bold]{total / GIB:.2f}[/bold]", f"[bold]{total / GB:.2f}[/bold]", "100%", ""
     )

@@ -267,8 +267,7 @@ def simulate(config: SimulationConfig) -> MemoryEstimate:
                 if config.worst_case_layers and not controller.full_fine_tuning:
                     # Backward runs from the top layer down, so gradients of the top layers are allocated while
                     # almost every activation is still alive; lower layers' gradients appear after most are freed.
-                    top = list(range(controller.num_layers - controller.gamma, controller.num_layers))
-                    controller.place(top)
+                    controller.place(worst_case_layers(controller, config.freeze_embedding), optimizer)
                 for _ in range(STEPS_PER_PERIOD):
                     tracker.step += 1
                     tracker.set_phase("inputs")
@@ -323,6 +322,20 @@ def simulate(config: SimulationConfig) -> MemoryEstimate:
         at_backward_start=tracker.live_by_category_at_phase_start(tracker.step, Phase.BACKWARD),
         notes=notes,
     )
+
+
+def worst_case_layers(controller: LisaController, freeze_embedding: bool) -> list[int]:
+    """Return the active layers with the highest backward peak.
+
+    Backward runs from the top layer down, so gradients of the top layers are allocated while almost every
+    activation is still alive. With a frozen embedding, autograd saves activations only from the lowest active
+    layer up, so layer 0 is kept active to keep every layer's activations.
+    """
+    layers, gamma = controller.num_layers, controller.gamma
+    top = list(range(layers - gamma, layers))
+    if freeze_embedding:
+        return sorted({0, *top[1:]}) if gamma > 1 else [0]
+    return top
 
 
 def _optimizer_only_period(

@@ -97,6 +97,9 @@ class StorageTracker(TorchDispatchMode):  # type: ignore[misc]
         """Attribute the next allocations to ``phase``."""
         self.phase = phase.value if isinstance(phase, Phase) else phase
         self.phase_starts.setdefault((self.step, self.phase), len(self.events))
+        # Non-reentrant checkpointing stops a recomputation once it has the tensors it needs, so the forward hook
+        # that pops the module stack may never run; no module is active between phases.
+        self._module_stack.clear()
         if self.phase == Phase.FORWARD.value:
             self.backward_module = ""
 

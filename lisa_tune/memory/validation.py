@@ -16,7 +16,7 @@ from lisa_tune.lisa.controller import LisaController
 from lisa_tune.lisa.optim import build_adamw
 from lisa_tune.lisa.step import train_step
 from lisa_tune.memory.measure_cpu import measure_peak_live_bytes
-from lisa_tune.memory.simulator import STEPS_PER_PERIOD, SimulationConfig, simulate
+from lisa_tune.memory.simulator import STEPS_PER_PERIOD, SimulationConfig, simulate, worst_case_layers
 from lisa_tune.modeling import build_model
 
 
@@ -61,7 +61,7 @@ def measure_cpu_step(config: SimulationConfig, data_seed: int = 0) -> int:
         optimizer = build_adamw(model, implementation=config.adamw_implementation)
         if config.worst_case_layers and not controller.full_fine_tuning:
             # The same placement the simulator traces.
-            controller.place(list(range(controller.num_layers - controller.gamma, controller.num_layers)))
+            controller.place(worst_case_layers(controller, config.freeze_embedding), optimizer)
         forward_context = (
             (lambda: torch.autocast("cpu", dtype=config.precision.autocast_dtype))
             if config.precision.autocast_dtype is not None
