@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 import click
@@ -214,6 +215,145 @@ def estimate(
         click.echo(json.dumps(estimate_to_dict(result), indent=2))
     else:
         print_estimate(result)
+
+
+@cli.command()
+@click.option(
+    "--gpu",
+    "gpu",
+    required=True,
+    help="Memory budget: a size (24GB = 24 x 10^9 bytes, 24GiB = 24 x 2^30 bytes), a GPU profile name "
+    "(rtx4090, a100-80gb, ...), or auto for the free memory of the local CUDA device.",
+)
+@click.option(
+    "--model",
+    "model_spec",
+    default="llama-2-7b",
+    show_default=True,
+    help="Bundled model name, a model directory, a config.json, or a Hub id already in the local cache.",
+)
+@click.option(
+    "--seq",
+    "sequences",
+    default="1024",
+    show_default=True,
+    help="Sequence length in tokens; several as 512,1024,2048; or auto for the longest that fits "
+    "the --gamma (default 2) and micro-batch.",
+)
+@click.option(
+    "--gamma",
+    type=int,
+    default=None,
+    help="Search only this many active layers (default: every gamma from 1 to the layer count; "
+    "the recommendation uses 2).",
+)
+@click.option(
+    "--batch",
+    "micro_batch",
+    type=int,
+    default=None,
+    help="Fix the micro-batch size (sequences per forward pass) instead of searching it.",
+)
+@click.option("--max-batch", type=int, default=64, show_default=True, help="Largest micro-batch size searched.")
+@click.option(
+    "--precision",
+    "precisions",
+    multiple=True,
+    type=click.Choice(PRECISIONS),
+    help="Precision to consider; repeat for several. Default: bf16 and amp-bf16 (fp32 on a GPU without bf16).",
+)
+@click.option(
+    "--grad-ckpt/--no-grad-ckpt",
+    default=None,
+    help="Consider only runs with (or without) gradient checkpointing. Default: both.",
+)
+@click.option(
+    "--effective-batch",
+    type=int,
+    default=None,
+    help="Sequences per optimizer step; the micro-batch must divide it and the rest is gradient accumulation.",
+)
+@click.option(
+    "--margin",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="Safety margin as a fraction of the budget, kept free for allocator fragmentation.",
+)
+@click.option(
+    "--attention",
+    type=click.Choice(("sdpa", "eager")),
+    default="sdpa",
+    show_default=True,
+    help="Attention implementation.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the recommended configuration as YAML for lisa-tune train --config and lisa-tune tune.",
+)
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write a PNG of the memory breakdown per gamma against the budget.",
+)
+@click.pass_context
+def plan(
+    ctx: click.Context,
+    gpu: str,
+    model_spec: str,
+    sequences: str,
+    gamma: int | None,
+    micro_batch: int | None,
+    max_batch: int,
+    precisions: tuple[str, ...],
+    grad_ckpt: bool | None,
+    effective_batch: int | None,
+    margin: float,
+    attention: str,
+    as_json: bool,
+    output: Path | None,
+    plot: Path | None,
+) -> None:
+    """Find the LISA configurations that fit a GPU, and recommend the fastest at gamma 2.
+
+    Exit status 0 when a configuration fits, 1 when none does (the output says what would), 2 for invalid input.
+    """
+    from lisa_tune.planner.command import NothingFits, PlanOptions, dumps, make_plan, write_outputs
+    from lisa_tune.planner.output import check_writable, plan_to_dict, print_plan
+
+    for path, option in ((output, "--output"), (plot, "--plot")):
+        if path is not None:
+            check_writable(path, option)
+    defaults_used = [
+        f"--{name.replace('_', '-')} {value}"
+        for name, value, parameter in (("model", model_spec, "model_spec"), ("seq", sequences, "sequences"))
+        if ctx.get_parameter_source(parameter) is click.core.ParameterSource.DEFAULT
+    ]
+    options = PlanOptions(
+        gpu=gpu,
+        model=model_spec,
+        sequences=sequences,
+        gamma=gamma,
+        batch=micro_batch,
+        max_batch=max_batch,
+        precisions=precisions,
+        gradient_checkpointing=grad_ckpt,
+        effective_batch=effective_batch,
+        margin=margin,
+        attention=attention,
+    )
+    result, fits = make_plan(options)
+    if as_json:
+        click.echo(dumps(plan_to_dict(result, defaults_used)))
+    else:
+        print_plan(result, defaults_used)
+    if result.recommended is None:
+        raise NothingFits("nothing fits the budget; see the advice above")
+    write_outputs(result, fits, options, output, plot)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,10 +11,20 @@ import torch
 from torch import nn
 
 from lisa_tune.errors import InputError
+from lisa_tune.model_config import hidden_size, is_mixture_of_experts, layer_count, max_positions
 
 logger = logging.getLogger(__name__)
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "build_model",
+    "hidden_size",
+    "is_mixture_of_experts",
+    "layer_count",
+    "load_config",
+    "max_positions",
+]
 
 
 def load_config(config: dict[str, Any]) -> Any:
@@ -82,41 +92,3 @@ def build_model(
     model.train()
     assert isinstance(model, nn.Module)
     return model
-
-
-def is_mixture_of_experts(config: dict[str, Any]) -> bool:
-    """Return True when the config describes a mixture-of-experts model."""
-    return any(key in config for key in ("num_local_experts", "num_experts", "n_routed_experts"))
-
-
-def max_positions(config: dict[str, Any]) -> int | None:
-    """Return the longest sequence the config's position embeddings cover, or None when it states none."""
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = config.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def layer_count(config: dict[str, Any]) -> int | None:
-    """Return the number of decoder layers a config states, or None."""
-    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
-        value = config.get(key)
-        if isinstance(value, int):
-            return value
-    text_config = config.get("text_config")
-    if isinstance(text_config, dict):
-        return layer_count(text_config)
-    return None
-
-
-def hidden_size(config: dict[str, Any]) -> int | None:
-    """Return the hidden size a config states, or None."""
-    for key in ("hidden_size", "n_embd", "d_model", "dim"):
-        value = config.get(key)
-        if isinstance(value, int):
-            return value
-    text_config = config.get("text_config")
-    if isinstance(text_config, dict):
-        return hidden_size(text_config)
-    return None

@@ -124,6 +124,8 @@ class MemoryEstimate:
     at_backward_start: dict[MemoryCategory, int]
     """Bytes by category as the last traced backward starts, when the saved activations are all alive."""
     notes: list[str] = field(default_factory=list)
+    trace: StorageTracker | None = None
+    """The tracker of the trace, when ``simulate`` was asked to keep it."""
 
     @property
     def tensor_peak_bytes(self) -> int:
@@ -213,8 +215,14 @@ def _replay_allocator(tracker: StorageTracker, resident_bytes: list[int]) -> tup
     return allocator.peak_allocated_bytes, allocator.peak_reserved_bytes
 
 
-def simulate(config: SimulationConfig) -> MemoryEstimate:
-    """Trace the LISA step of ``config`` on the meta device and return its predicted memory."""
+def simulate(config: SimulationConfig, keep_trace: bool = False, steady_state_only: bool = False) -> MemoryEstimate:
+    """Trace the LISA step of ``config`` on the meta device and return its predicted memory.
+
+    ``keep_trace`` keeps the tracker, with every allocation and free, on the result's ``trace`` field.
+    ``steady_state_only`` creates the period's AdamW state with an optimizer step on zero gradients and then traces
+    one full step instead of two. The second full step holds everything the first does plus that state, so the
+    peak is the same; the memory planner uses it to halve its tracing time.
+    """
     validate(config)
     build_start = time.perf_counter()
     kernels = TargetKernels(config.target_device, config.precision.autocast_dtype)
@@ -268,7 +276,11 @@ def simulate(config: SimulationConfig) -> MemoryEstimate:
                     # Backward runs from the top layer down, so gradients of the top layers are allocated while
                     # almost every activation is still alive; lower layers' gradients appear after most are freed.
                     controller.place(worst_case_layers(controller, config.freeze_embedding), optimizer)
-                for _ in range(STEPS_PER_PERIOD):
+                full_steps = STEPS_PER_PERIOD
+                if steady_state_only:
+                    _create_optimizer_state(controller, optimizer, tracker)
+                    full_steps = 1
+                for _ in range(full_steps):
                     tracker.step += 1
                     tracker.set_phase("inputs")
                     input_ids = torch.zeros(
@@ -321,6 +333,7 @@ def simulate(config: SimulationConfig) -> MemoryEstimate:
         at_optimizer_step=tracker.live_by_category_at_phase_start(tracker.step, Phase.OPTIMIZER),
         at_backward_start=tracker.live_by_category_at_phase_start(tracker.step, Phase.BACKWARD),
         notes=notes,
+        trace=tracker if keep_trace else None,
     )
 
 
@@ -336,6 +349,17 @@ def worst_case_layers(controller: LisaController, freeze_embedding: bool) -> lis
     if freeze_embedding:
         return sorted({0, *top[1:]}) if gamma > 1 else [0]
     return top
+
+
+def _create_optimizer_state(
+    controller: LisaController, optimizer: torch.optim.Optimizer, tracker: StorageTracker
+) -> None:
+    tracker.step += 1
+    tracker.set_phase("state")
+    for parameter in controller.trainable_parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _optimizer_only_period(
