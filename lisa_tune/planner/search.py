@@ -243,6 +243,12 @@ def _what_would_fit(
                 f"({need / 1e9:.2f} GB)"
             )
             break
+    always_trained = 3 * fit.always_trainable_count * fit.state_element_bytes
+    advice.append(
+        f"the embedding and LM head are always trained: their gradients and AdamW state take "
+        f"{always_trained / 1e9:.2f} GB; lisa-tune estimate --freeze-embedding predicts a run with a frozen "
+        "embedding, which the planner does not search"
+    )
     if longest is None:
         parameters_only = fit.parameter_bytes + budget.cublas_bytes + budget.context_bytes
         if parameters_only > usable:
