@@ -11,7 +11,7 @@ from lisa_tune.planner.speed import estimate_speed
 from lisa_tune.profiles import GpuProfile
 
 DEFAULT_GAMMA = 2
-"""The gamma the LISA paper uses for its main results; the plan recommends it unless --gamma says otherwise."""
+"""The gamma the LISA paper uses for its main results; the plan recommends it unless --gamma sets another."""
 MAX_SEQUENCE = 131072
 
 FitProvider = Callable[[str, bool], MemoryFit]
@@ -76,7 +76,7 @@ class Plan:
     recommended: Candidate | None = None
     rejections: list[Rejection] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
-    """What would fit, when nothing does."""
+    """Suggestions of what would fit, when nothing does."""
 
 
 @dataclass(frozen=True)
