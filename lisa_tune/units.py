@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 GB = 10**9
 GIB = 2**30
@@ -34,7 +35,8 @@ def parse_size(text: str) -> int:
     if unit not in _SIZE_UNITS:
         accepted = ", ".join(sorted(_SIZE_UNITS))
         raise ValueError(f"invalid size unit in {text!r}: use one of {accepted} (GB = 10^9 bytes, GiB = 2^30 bytes)")
-    value = float(match.group("number")) * _SIZE_UNITS[unit]
+    # Decimal keeps 2.01GB at exactly 2,010,000,000 bytes, which binary floating point would round down.
+    value = Decimal(match.group("number")) * _SIZE_UNITS[unit]
     if value <= 0:
         raise ValueError(f"invalid size {text!r}: a size must be greater than zero")
     return int(value)

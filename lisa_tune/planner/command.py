@@ -64,8 +64,13 @@ class PlanOptions:
 
 def parse_budget(text: str) -> Budget:
     """Turn ``--gpu`` into a budget: a size (24GB = 24 x 10^9 bytes, 24GiB = 24 x 2^30), a profile, or ``auto``."""
-    if text.strip().lower() == "auto":
+    key = text.strip().lower()
+    if key == "auto":
         return _local_gpu_budget()
+    # Profile names and aliases come first: some aliases, such as 4090, also read as a byte count.
+    for profile in load_gpu_profiles().values():
+        if key == profile.name or key in profile.aliases:
+            return _profile_budget(profile, profile.memory_bytes, profile.name, False)
     if _SIZE_LIKE.match(text):
         try:
             total = parse_size(text)
@@ -256,11 +261,8 @@ def _longest_sequence(
 
             longest = largest_fitting(candidates, fits_at)
             best = max(best, longest or 0)
-    if best == 0:
-        raise NothingFits(
-            f"no sequence length fits gamma {gamma} at micro-batch {batch} in {usable / 1e9:.2f} GB usable"
-        )
-    return best
+    # With nothing fitting, plan a one-token sequence so the search reports what the smallest run needs.
+    return max(best, 1)
 
 
 def write_outputs(plan: Plan, fits: FitCache, options: PlanOptions, output: Path | None, plot: Path | None) -> None:

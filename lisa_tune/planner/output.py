@@ -109,8 +109,12 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     handle, temporary_name = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     temporary = Path(temporary_name)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(temporary)
+        # mkstemp creates the file readable by its owner only; give it the mode a plain open() would.
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

@@ -195,14 +195,18 @@ def _nearest_rejections(
         rejections.append(Rejection(candidate, f"micro-batch {larger[0]} exceeds the usable memory"))
     higher = [g for g in space.gammas if g > chosen.gamma]
     if higher:
-        candidate = predict(fit, budget, higher[0], chosen.micro_batch_size, chosen.sequence_length, None)
+        candidate = predict(
+            fit, budget, higher[0], chosen.micro_batch_size, chosen.sequence_length, space.effective_batch
+        )
         if candidate.peak_bytes > usable:
             rejections.append(Rejection(candidate, f"gamma {higher[0]} at the same micro-batch exceeds it"))
     for precision, checkpointing in combos:
         if (precision, checkpointing) == (chosen.precision, chosen.gradient_checkpointing):
             continue
         other = fits(precision, checkpointing)
-        smallest = predict(other, budget, chosen.gamma, space.micro_batches[0], chosen.sequence_length, None)
+        smallest = predict(
+            other, budget, chosen.gamma, space.micro_batches[0], chosen.sequence_length, space.effective_batch
+        )
         if smallest.peak_bytes > usable:
             setting = f"{precision}, checkpointing {'on' if checkpointing else 'off'}"
             rejections.append(
