@@ -242,10 +242,10 @@ def estimate(
 )
 @click.option(
     "--gamma",
-    type=int,
+    "gamma_text",
     default=None,
-    help="Search only this many active layers (default: every gamma from 1 to the layer count; "
-    "the recommendation uses 2).",
+    help="Search only this many active layers, or 'full' for all of them (default: every gamma from 1 to the "
+    "layer count; the recommendation uses 2).",
 )
 @click.option(
     "--batch",
@@ -306,7 +306,7 @@ def plan(
     gpu: str,
     model_spec: str,
     sequences: str,
-    gamma: int | None,
+    gamma_text: str | None,
     micro_batch: int | None,
     max_batch: int,
     precisions: tuple[str, ...],
@@ -323,11 +323,13 @@ def plan(
     Exit status 0 when a configuration fits, 1 when none does (the output says what would), 2 for invalid input.
     """
     from lisa_tune.planner.command import NothingFits, PlanOptions, dumps, make_plan, write_outputs
-    from lisa_tune.planner.output import check_writable, plan_to_dict, print_plan
+    from lisa_tune.planner.output import check_plot_path, check_writable, plan_to_dict, print_plan
 
     for path, option in ((output, "--output"), (plot, "--plot")):
         if path is not None:
             check_writable(path, option)
+    if plot is not None:
+        check_plot_path(plot)
     defaults_used = [
         f"--{name.replace('_', '-')} {value}"
         for name, value, parameter in (("model", model_spec, "model_spec"), ("seq", sequences, "sequences"))
@@ -337,7 +339,7 @@ def plan(
         gpu=gpu,
         model=model_spec,
         sequences=sequences,
-        gamma=gamma,
+        gamma=gamma_text,
         batch=micro_batch,
         max_batch=max_batch,
         precisions=precisions,
@@ -352,6 +354,11 @@ def plan(
     else:
         print_plan(result, defaults_used)
     if result.recommended is None:
+        skipped = [str(path) for path in (output, plot) if path is not None]
+        if skipped:
+            logger.warning(
+                "nothing fits, so %s %s not written", " and ".join(skipped), "was" if len(skipped) == 1 else "were"
+            )
         raise NothingFits("nothing fits the budget; see the advice above")
     write_outputs(result, fits, options, output, plot)
 

@@ -416,7 +416,7 @@ def test_nothing_fits_writes_nothing(
 
 
 def test_seq_auto_nothing_fits_json(capsys: pytest.CaptureFixture[str]) -> None:
-    result = run(capsys, "--json", "--gpu", "0.6GB", *TINY, "--seq", "auto")
+    result = run(capsys, "--json", "--gpu", "0.5GB", *TINY, "--seq", "auto")
 
     assert result.status == 1
     assert json.loads(result.out)["fits"] is False
@@ -531,7 +531,7 @@ def test_plot_writes_png(capsys: pytest.CaptureFixture[str], tmp_path: Path, mon
 
 def test_seq_auto_finds_longest(capsys: pytest.CaptureFixture[str]) -> None:
     # 0.7 GB leaves room for about 1600 tokens of tiny-llama, below its 2048 position embeddings.
-    plan = run_json(capsys, "--gpu", "0.7GB", *TINY, "--seq", "auto", "--gamma", "2", "--batch", "1")
+    plan = run_json(capsys, "--gpu", "0.6GB", *TINY, "--seq", "auto", "--gamma", "2", "--batch", "1")
     chosen = plan["recommended"]
     longest = chosen["sequence_length"]
     settings = (
@@ -544,11 +544,11 @@ def test_seq_auto_finds_longest(capsys: pytest.CaptureFixture[str]) -> None:
         "--grad-ckpt" if chosen["gradient_checkpointing"] else "--no-grad-ckpt",
     )
 
-    at_longest = run_json(capsys, "--gpu", "0.7GB", *TINY, "--seq", str(longest), *settings)
-    one_more = run_json(capsys, "--gpu", "0.7GB", *TINY, "--seq", str(longest + 1), *settings, status=1)
+    at_longest = run_json(capsys, "--gpu", "0.6GB", *TINY, "--seq", str(longest), *settings)
+    one_more = run_json(capsys, "--gpu", "0.6GB", *TINY, "--seq", str(longest + 1), *settings, status=1)
     # Without --precision and --grad-ckpt the plan searches every setting, and none fits one token more either.
     one_more_any_setting = run_json(
-        capsys, "--gpu", "0.7GB", *TINY, "--seq", str(longest + 1), "--gamma", "2", "--batch", "1", status=1
+        capsys, "--gpu", "0.6GB", *TINY, "--seq", str(longest + 1), "--gamma", "2", "--batch", "1", status=1
     )
 
     assert longest < 2048
@@ -636,3 +636,24 @@ def test_corrupt_cache_warns(
     assert "unreadable cached memory fit" in warnings[0]
     assert str(cache_file) in warnings[0]
     assert isinstance(json.loads(cache_file.read_text(encoding="utf-8")), dict)
+
+
+def test_unitless_size_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    result = run(capsys, "--gpu", "24", *TINY)
+
+    assert result.status == 2
+    assert "24GB" in result.err
+
+
+def test_plot_needs_png_suffix(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    target = tmp_path / "plan.jpg"
+    result = run(capsys, "--gpu", "1GB", *TINY, "--plot", str(target))
+
+    assert result.status == 2
+    assert not target.exists()
+
+
+def test_size_budget_uses_closest_profile(capsys: pytest.CaptureFixture[str]) -> None:
+    budget = run_json(capsys, "--gpu", "80GB", *TINY)["budget"]
+
+    assert budget["gpu_profile"] == "a100-80gb"

@@ -100,6 +100,8 @@ def estimate_to_dict(estimate: MemoryEstimate) -> dict[str, Any]:
 def print_estimate(estimate: MemoryEstimate, console: Console | None = None) -> None:
     """Print the breakdown table, the peak's location and what the figures include."""
     console = console or Console()
+    if not console.is_terminal:
+        console = Console(width=120)
     config = estimate.config
     gamma = "all layers (full fine-tuning)" if config.gamma is None else f"{config.gamma} of {estimate.num_layers}"
     title = (

@@ -30,7 +30,7 @@ from lisa_tune.units import parse_size
 logger = logging.getLogger(__name__)
 
 REFERENCE_GPU = "rtx4090"
-"""The profile whose context, workspace and speed figures a plain size budget uses."""
+"""The profile used when the local CUDA device matches no profile."""
 CUBLAS_HANDLES = 2
 _SIZE_LIKE = re.compile(r"^\s*[+-]?\d")
 
@@ -49,7 +49,8 @@ class PlanOptions:
     model: str = "llama-2-7b"
     sequences: str = "1024"
     """Comma-separated lengths in tokens, or ``auto``."""
-    gamma: int | None = None
+    gamma: int | str | None = None
+    """A layer count, ``full`` for every layer, or None to search every gamma."""
     batch: int | None = None
     max_batch: int = 64
     precisions: tuple[str, ...] = ()
@@ -72,11 +73,15 @@ def parse_budget(text: str) -> Budget:
         if key == profile.name or key in profile.aliases:
             return _profile_budget(profile, profile.memory_bytes, profile.name, False)
     if _SIZE_LIKE.match(text):
+        if text.strip().isdigit() and int(text) > 0:
+            raise InputError(
+                f"invalid --gpu {text!r}: a size needs a unit, for example {text.strip()}GB or {text.strip()}GiB."
+            )
         try:
             total = parse_size(text)
         except ValueError as error:
             raise InputError(f"invalid --gpu {text!r}: {error}. Pass a size such as 24GB or a GPU name.") from None
-        reference = load_gpu_profiles()[REFERENCE_GPU]
+        reference = reference_profile(total)
         return Budget(
             total,
             text.strip(),
@@ -87,6 +92,12 @@ def parse_budget(text: str) -> Budget:
         )
     profile = find_gpu_profile(text)
     return _profile_budget(profile, profile.memory_bytes, profile.name, False)
+
+
+def reference_profile(total_bytes: int) -> GpuProfile:
+    """Return the profile whose memory is closest to a size budget; it supplies context and speed figures."""
+    profiles = load_gpu_profiles().values()
+    return min(profiles, key=lambda profile: (abs(profile.memory_bytes - total_bytes), profile.name))
 
 
 def _profile_budget(profile: GpuProfile, total: int, label: str, context_included: bool) -> Budget:
@@ -154,6 +165,17 @@ class FitCache:
         return fit
 
 
+def _parse_gamma(value: int | str | None, layers: int) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    if value.strip().lower() in ("full", "all"):
+        return layers
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"invalid --gamma {value!r}: pass a number of layers (for example 2) or 'full'.") from None
+
+
 def _parse_sequences(text: str) -> list[int] | None:
     if text.strip().lower() == "auto":
         return None
@@ -181,7 +203,8 @@ def make_plan(options: PlanOptions) -> tuple[Plan, FitCache]:
     if layers is None or hidden_size(source.config) is None:
         raise InputError(f"the config of model {source.name} states no layer count or hidden size.")
     problems: list[str] = []
-    if options.gamma is not None and not 1 <= options.gamma <= layers:
+    gamma = _parse_gamma(options.gamma, layers)
+    if gamma is not None and not 1 <= gamma <= layers:
         problems.append(f"--gamma {options.gamma} is outside 1 to the model's {layers} layers")
     if options.batch is not None and options.batch < 1:
         problems.append(f"--batch {options.batch} is below 1")
@@ -210,7 +233,7 @@ def make_plan(options: PlanOptions) -> tuple[Plan, FitCache]:
     else:
         batches = list(range(1, options.max_batch + 1))
     checkpointing = [False, True] if options.gradient_checkpointing is None else [options.gradient_checkpointing]
-    gammas = [options.gamma] if options.gamma is not None else list(range(1, layers + 1))
+    gammas = [gamma] if gamma is not None else list(range(1, layers + 1))
     fits = FitCache(source.config, source.name, options.attention, options.adamw)
     sequences = _parse_sequences(options.sequences)
     limit = max_positions(source.config)
@@ -222,8 +245,10 @@ def make_plan(options: PlanOptions) -> tuple[Plan, FitCache]:
             limit,
         )
     if sequences is None:
-        sequences = [_longest_sequence(fits, budget, options, precisions, checkpointing, batches, limit)]
-        gammas = [options.gamma or DEFAULT_GAMMA]
+        sequences = [
+            _longest_sequence(fits, budget, options, gamma or DEFAULT_GAMMA, precisions, checkpointing, batches, limit)
+        ]
+        gammas = [gamma or DEFAULT_GAMMA]
 
     space = SearchSpace(
         gammas=gammas,
@@ -232,7 +257,7 @@ def make_plan(options: PlanOptions) -> tuple[Plan, FitCache]:
         checkpointing=checkpointing,
         micro_batches=batches,
         effective_batch=options.effective_batch,
-        recommend_gamma=options.gamma or DEFAULT_GAMMA,
+        recommend_gamma=gamma or DEFAULT_GAMMA,
     )
     return search(fits, budget, options.margin, space, source.name, layers), fits
 
@@ -241,12 +266,12 @@ def _longest_sequence(
     fits: FitCache,
     budget: Budget,
     options: PlanOptions,
+    gamma: int,
     precisions: list[str],
     checkpointing: list[bool],
     batches: list[int],
     limit: int | None,
 ) -> int:
-    gamma = options.gamma or DEFAULT_GAMMA
     batch = batches[0]
     usable = int(budget.total_bytes * (1 - options.margin))
     overhead = budget.context_bytes + budget.cublas_bytes
@@ -275,10 +300,12 @@ def write_outputs(plan: Plan, fits: FitCache, options: PlanOptions, output: Path
             document, sort_keys=False
         )
         write_atomically(output, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+        logger.info("wrote the recommended configuration to %s", output)
     if plot is not None:
         chosen = plan.recommended
         assert chosen is not None
         write_plot(plan, fits(chosen.precision, chosen.gradient_checkpointing), plot)
+        logger.info("wrote the memory plot to %s", plot)
 
 
 def dumps(document: dict[str, Any]) -> str:

@@ -22,6 +22,18 @@ TABLE_GAMMAS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 80)
 """Gammas shown in the printed table when every gamma was searched; JSON lists all of them."""
 
 
+def wide_console() -> Console:
+    """Return a console that is 120 columns wide when the output is not a terminal, so table headers stay whole."""
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
+def check_plot_path(path: Path) -> None:
+    """Reject a --plot path that does not end in .png, the only format written."""
+    if path.suffix.lower() != ".png":
+        raise InputError(f"--plot {path} must end in .png: the plot is written as PNG.")
+
+
 def candidate_to_dict(candidate: Candidate) -> dict[str, Any]:
     """Return the JSON-ready form of one configuration."""
     return {
@@ -126,7 +138,7 @@ def _gb(nbytes: float) -> str:
 
 def print_plan(plan: Plan, defaults_used: list[str], console: Console | None = None) -> None:
     """Print the recommendation, the table of alternatives and the rejected neighbours."""
-    console = console or Console()
+    console = console or wide_console()
     budget = plan.budget
     if defaults_used:
         console.print(f"Defaults used: {', '.join(defaults_used)}.")
@@ -215,6 +227,7 @@ def write_plot(plan: Plan, fit: MemoryFit, path: Path) -> None:
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     axes.axhline(budget.total_bytes / GB, color="black", linestyle="-", label=f"budget {budget.label}")
     axes.axhline(plan.usable_bytes / GB, color="black", linestyle="--", label="usable after margin")
+    axes.set_xlim(0.4, len(gammas) + 0.6)
     axes.set_xlabel("gamma (active decoder layers)")
     axes.set_ylabel("predicted peak, GB (10^9 bytes)")
     axes.set_title(

@@ -1,0 +1,1 @@
+"""Training data loading, tokenization and the offline tokenizer for ``lisa-tune train``."""
