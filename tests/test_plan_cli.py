@@ -656,4 +656,4 @@ def test_plot_needs_png_suffix(capsys: pytest.CaptureFixture[str], tmp_path: Pat
 def test_size_budget_uses_closest_profile(capsys: pytest.CaptureFixture[str]) -> None:
     budget = run_json(capsys, "--gpu", "80GB", *TINY)["budget"]
 
-    assert budget["gpu_profile"] == "a100-80gb"
+    assert budget["gpu_profile"] == "h100-80gb"

@@ -95,8 +95,15 @@ def parse_budget(text: str) -> Budget:
 
 
 def reference_profile(total_bytes: int) -> GpuProfile:
-    """Return the profile whose memory is closest to a size budget; it supplies context and speed figures."""
-    profiles = load_gpu_profiles().values()
+    """Return the profile that supplies context and speed figures for a size budget.
+
+    That is the fastest card (dense bf16 TFLOP/s) whose memory is within 10% of the budget, or, when none is,
+    the card with the closest memory.
+    """
+    profiles = list(load_gpu_profiles().values())
+    similar = [p for p in profiles if abs(p.memory_bytes - total_bytes) <= 0.1 * total_bytes]
+    if similar:
+        return max(similar, key=lambda profile: (profile.bf16_dense_tflops, profile.name))
     return min(profiles, key=lambda profile: (abs(profile.memory_bytes - total_bytes), profile.name))
 
 
