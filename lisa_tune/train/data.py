@@ -29,12 +29,15 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lisa_tune.errors import InputError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +50,6 @@ MAX_REPORTED_LINES = 10
 EXPECTED_LAYOUTS = (
     "a JSON object with 'instruction' and 'output' (Alpaca), 'messages' (chat) or 'text' (plain text) was expected"
 )
-
-Tokenizer = Any
-"""A ``transformers.PreTrainedTokenizerBase``. Typed as ``Any`` because transformers is imported only at run time."""
-
 
 # Records
 
@@ -421,8 +420,8 @@ def _no_usable_record_message(result: LoadedRecords, text: str) -> str:
                 "(JSONL) was expected, so convert the file to one of those."
             )
         return (
-            f"Data file {path} has no valid record because line {first.line} {first.reason} and so is every other "
-            f"of its {result.entry_count} entries, but {EXPECTED_LAYOUTS}, so check the file's format."
+            f"Data file {path} has no valid record among its {result.entry_count} entries (line {first.line} "
+            f"{first.reason}), but {EXPECTED_LAYOUTS}, so check the file's format."
         )
     return (
         f"Data file {path} has no usable record: of {result.entry_count} entries, {result.malformed_count} are "
@@ -457,8 +456,8 @@ def record_texts(records: LoadedRecords | Sequence[Record]) -> Iterator[str]:
 def format_alpaca_prompt(instruction: str, context: str = "") -> str:
     """Render the prompt of an Alpaca record, which ends where the response starts.
 
-    With an input the prompt is ``"### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:\\n"``;
-    without one the Input section is left out. Use the same prompt at inference time.
+    With an input the prompt is ``"### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:\\n"``.
+    Without one the Input section is left out. Use the same prompt at inference time.
     """
     if context:
         return f"### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
@@ -507,7 +506,7 @@ class TokenizationStats:
     block_count: int = 0
     """Number of packed blocks, or 0 for an unpacked data set."""
     pack_discarded_token_count: int = 0
-    """Tokens that packing discarded: the last partial block and blocks in which no token gets loss."""
+    """Number of tokens that packing discarded, from the last partial block and from blocks without loss."""
 
 
 @dataclass
@@ -548,6 +547,9 @@ class TokenizedDataset(Dataset[Example]):
     def __getitem__(self, index: int) -> Example:
         return self.examples[index]
 
+    def __iter__(self) -> Iterator[Example]:
+        return iter(self.examples)
+
     def collate(self, batch: Sequence[Example]) -> dict[str, torch.Tensor]:
         """Pad a batch with this data set's pad token id, as ``collate`` does."""
         return collate(batch, pad_token_id=self.pad_token_id)
@@ -565,7 +567,7 @@ class TokenizedDataset(Dataset[Example]):
 
 def tokenize_records(
     records: LoadedRecords | Sequence[Record],
-    tokenizer: Tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     max_length: int,
     pack: bool = False,
@@ -682,7 +684,7 @@ def _trainable_count(labels: list[int]) -> int:
     return sum(1 for label in labels if label != IGNORE_INDEX)
 
 
-def _leading_special_ids(tokenizer: Tokenizer) -> list[int]:
+def _leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Return the special token ids, such as BOS, that the tokenizer puts before a text by default."""
     probe = "a"
     with_specials = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
@@ -695,7 +697,7 @@ def _leading_special_ids(tokenizer: Tokenizer) -> list[int]:
 
 def _render(
     record: Record,
-    tokenizer: Tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     eos_id: int,
     prefix: list[int],
     use_template: bool,
@@ -725,7 +727,7 @@ def _render(
     return _Rendered(segments=segments, line=record.line)
 
 
-def _render_with_chat_template(record: ChatRecord, tokenizer: Tokenizer, source: str) -> _Rendered:
+def _render_with_chat_template(record: ChatRecord, tokenizer: PreTrainedTokenizerBase, source: str) -> _Rendered:
     """Split the rendered conversation into assistant spans, which get loss, and the text between them.
 
     An assistant span runs from the end of the conversation before it, rendered with the generation prompt, to the
@@ -750,8 +752,8 @@ def _render_with_chat_template(record: ChatRecord, tokenizer: Tokenizer, source:
             # NOTE: templates that rewrite earlier turns, for example by removing reasoning text, end up here.
             raise InputError(
                 f"The tokenizer's chat template renders the conversation on line {record.line}{source} differently "
-                "when it is cut after a message, so the assistant tokens cannot be located; remove the template "
-                "(tokenizer.chat_template = None) to use the plain chat template."
+                "when it is cut after a message, so the assistant tokens cannot be located, and setting "
+                "tokenizer.chat_template = None switches to the plain chat template."
             )
         segments.append((full[cursor : len(before)], False))
         segments.append((full[len(before) : len(through)], True))
@@ -767,7 +769,7 @@ def _render_with_chat_template(record: ChatRecord, tokenizer: Tokenizer, source:
 
 
 def _apply_chat_template(
-    tokenizer: Tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     messages: list[dict[str, str]],
     *,
     add_generation_prompt: bool,

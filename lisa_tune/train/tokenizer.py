@@ -1,8 +1,8 @@
 """Train a byte-level BPE tokenizer offline, for bundled model profiles that ship no tokenizer.
 
-The bundled profiles describe model architectures without weights or a tokenizer. Training such a model from scratch
-needs a tokenizer, and this module trains one with the ``tokenizers`` library on the training texts, so nothing is
-downloaded.
+The bundled profiles contain each model's ``config.json`` without weights or a tokenizer. Training such a model from
+scratch needs a tokenizer, and this module trains one with the ``tokenizers`` library on the training texts, so
+nothing is downloaded.
 
 Known limitations:
 
@@ -32,7 +32,7 @@ SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, BOS_TOKEN, UNK_TOKEN)
 
 BYTE_ALPHABET_SIZE = 256
 MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
-"""Smallest vocabulary that holds every byte and the special tokens."""
+"""Smallest vocabulary that contains every byte and the special tokens."""
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: Path) -> PreTrainedTokenizerFast:
