@@ -363,6 +363,89 @@ def plan(
     write_outputs(result, fits, options, output, plot)
 
 
+@cli.command()
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Training data: JSON or JSONL records in the Alpaca, chat or plain-text layout.",
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder for checkpoints, metrics.jsonl, the tokenizer of a bundled profile and the final model.",
+)
+@click.option(
+    "--config",
+    "plan_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A plan.yaml from lisa-tune plan --output; flags given here override it.",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="Model directory with weights and tokenizer, or a bundled profile trained from random weights.",
+)
+@click.option("--gamma", type=int, default=None, help="Decoder layers trained per period.  [default: 2]")
+@click.option("--interval", type=int, default=None, help="K: optimizer steps per sampling period.  [default: 20]")
+@click.option(
+    "--policy",
+    type=click.Choice(POLICIES),
+    default=None,
+    help="Optimizer state of outgoing layers: reset frees it, persistent keeps it.  [default: reset]",
+)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="Precision.  [default: fp32]")
+@click.option("--grad-ckpt/--no-grad-ckpt", default=None, help="Gradient checkpointing.  [default: off]")
+@click.option("--micro-batch-size", type=int, default=None, help="Sequences per forward pass.  [default: 4]")
+@click.option(
+    "--gradient-accumulation-steps", type=int, default=None, help="Micro-batches per optimizer step.  [default: 1]"
+)
+@click.option(
+    "--seq",
+    "sequence_length",
+    type=int,
+    default=None,
+    help="Sequence length in tokens; longer records are truncated.  [default: 256]",
+)
+@click.option("--learning-rate", type=float, default=None, help="Peak learning rate.  [default: 3e-4]")
+@click.option("--warmup-steps", type=int, default=None, help="Optimizer steps of linear warm-up.  [default: 10]")
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps of the run.  [default: 100]")
+@click.option("--eval-fraction", type=float, default=None, help="Share of records held out.  [default: 0.05]")
+@click.option("--eval-every", type=int, default=None, help="Optimizer steps between evaluations.  [default: 50]")
+@click.option("--log-every", type=int, default=None, help="Optimizer steps between log lines.  [default: 10]")
+@click.option("--save-every", type=int, default=None, help="Optimizer steps between checkpoints.  [default: 50]")
+@click.option("--seed", type=int, default=None, help="Seed of data order, split, sampler and weights.  [default: 0]")
+@click.option("--pack/--no-pack", default=None, help="Pack examples into full sequences.  [default: no-pack]")
+@click.option("--strict", is_flag=True, default=None, help="Fail on the first malformed data line.")
+@click.option("--freeze-embedding", is_flag=True, default=None, help="Keep the input embedding frozen.")
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its checkpoint.")
+def train(plan_file: Path | None, resume: bool, **options: Any) -> None:
+    """Fine-tune a model with LISA and save it as a Hugging Face directory in RUN_DIR/final."""
+    from lisa_tune.train.config import TrainConfig, read_plan
+    from lisa_tune.train.trainer import LisaTrainer
+
+    names = {
+        "grad_ckpt": "gradient_checkpointing",
+    }
+    settings: dict[str, Any] = read_plan(plan_file) if plan_file is not None else {}
+    for key, value in options.items():
+        if value is not None:
+            settings[names.get(key, key)] = value
+    config = TrainConfig(**settings)
+    trainer = LisaTrainer(config, resume=resume)
+    trainer.setup()
+    result = trainer.train()
+    logger.info(
+        "trained %d steps: held-out loss %.4f at the start, %.4f at the end; model in %s",
+        result.steps,
+        result.eval_losses.get(0, float("nan")),
+        result.eval_losses.get(result.steps, float("nan")),
+        result.final_dir,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit status."""
     try:
