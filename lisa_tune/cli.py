@@ -420,6 +420,15 @@ def plan(
 @click.option("--pack/--no-pack", default=None, help="Pack examples into full sequences.  [default: no-pack]")
 @click.option("--strict", is_flag=True, default=None, help="Fail on the first malformed data line.")
 @click.option("--freeze-embedding", is_flag=True, default=None, help="Keep the input embedding frozen.")
+@click.option(
+    "--attention", type=click.Choice(("sdpa", "eager")), default=None, help="Attention implementation.  [default: sdpa]"
+)
+@click.option(
+    "--tokenizer-vocab-size",
+    type=int,
+    default=None,
+    help="Vocabulary of the BPE tokenizer trained for a bundled profile.  [default: 4096]",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its checkpoint.")
 def train(plan_file: Path | None, resume: bool, **options: Any) -> None:
     """Fine-tune a model with LISA and save it as a Hugging Face directory in RUN_DIR/final."""

@@ -284,6 +284,8 @@ class LisaTrainer:
                 )
         self.save_checkpoint()
         final_dir = self.save_final()
+        self._plot_losses()
+        self._compare_with_prediction()
         return TrainResult(
             self.step, list(self.losses), dict(self.eval_losses), final_dir, peak_memory_bytes(self.device)
         )
@@ -328,6 +330,58 @@ class LisaTrainer:
             tokens_per_second,
             peak / 1e9,
         )
+
+    def _plot_losses(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(figsize=(7, 4))
+        axes.plot(range(1, len(self.losses) + 1), self.losses, label="training loss", linewidth=0.8)
+        steps = sorted(self.eval_losses)
+        axes.plot(steps, [self.eval_losses[s] for s in steps], marker="o", label="held-out loss")
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel("cross-entropy (nats per token)")
+        axes.set_title(f"LISA gamma {self.config.gamma}, K {self.config.interval}, {self.config.model}")
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(self.config.run_dir / "loss.png", dpi=110)
+        plt.close(figure)
+
+    def _compare_with_prediction(self) -> None:
+        from lisa_tune.memory.simulator import SimulationConfig, simulate
+
+        model_config = self.model.config.to_dict()
+        prediction = simulate(
+            SimulationConfig(
+                model_config=model_config,
+                model_name=self.config.model,
+                gamma=self.config.gamma,
+                micro_batch_size=self.config.micro_batch_size,
+                sequence_length=self.config.sequence_length,
+                precision=self.precision,
+                gradient_checkpointing=self.config.gradient_checkpointing,
+                attention=self.config.attention,
+                policy=OptimizerStatePolicy(self.config.policy),
+                target_device=self.device.type,
+                freeze_embedding=self.config.freeze_embedding,
+            )
+        )
+        measured = peak_memory_bytes(self.device)
+        if self.device.type == "cuda":
+            logger.info(
+                "peak max_memory_allocated %.3f GB; the simulator predicted %.3f GB",
+                measured / 1e9,
+                (prediction.device.allocated_bytes if prediction.device else 0) / 1e9,
+            )
+        else:
+            logger.info(
+                "peak resident memory %.3f GB (includes the interpreter, libraries and data); the simulator "
+                "predicted %.3f GB of tensors for a step at the full sequence length",
+                measured / 1e9,
+                prediction.tensor_peak_bytes / 1e9,
+            )
 
     # Checkpoints ---------------------------------------------------------------------------------------------
 
