@@ -15,6 +15,7 @@ import os
 import random
 import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lisa_tune.errors import InputError
 from lisa_tune.lisa.controller import LisaController, OptimizerStatePolicy
@@ -259,6 +262,23 @@ class LisaTrainer:
         if self.step == 0:
             self._evaluate()
         window_start, window_tokens = time.perf_counter(), 0
+        progress = tqdm(
+            total=config.max_steps, initial=self.step, desc="LISA", unit="step", disable=not sys.stderr.isatty()
+        )
+        # Log lines go through the progress bar so the bar stays on the last line of the terminal.
+        with logging_redirect_tqdm(loggers=[logging.getLogger("lisa_tune")]), progress:
+            return self._train_loop(batches, forward_context, window_start, window_tokens, progress, stop_after)
+
+    def _train_loop(
+        self,
+        batches: Any,
+        forward_context: Any,
+        window_start: float,
+        window_tokens: int,
+        progress: Any,
+        stop_after: int | None,
+    ) -> TrainResult:
+        config = self.config
         while self.step < config.max_steps:
             micro = [next(batches) for _ in range(config.gradient_accumulation_steps)]
             kwargs: dict[str, Any] = {"scheduler": self.scheduler}
@@ -268,6 +288,8 @@ class LisaTrainer:
             self.micro_batches_done += len(micro)
             self.step += 1
             self.losses.append(float(loss))
+            progress.update(1)
+            progress.set_postfix(loss=f"{self.losses[-1]:.3f}", layers=self.controller.active_layers)
             window_tokens += sum(int(batch["attention_mask"].sum()) for batch in micro)
             if self.step % config.eval_every == 0 or self.step == config.max_steps:
                 self._evaluate()
