@@ -15,7 +15,7 @@ PRECISIONS = ("bf16", "amp-bf16", "fp32")
 
 @dataclass
 class TrainConfig:
-    """One training run. Derived values (tokens per step) are computed, never stored."""
+    """One training run. Derived values (sequences per step) are computed, never stored."""
 
     data: Path
     """Training data: JSON or JSONL records in the Alpaca, chat or plain-text layout."""

@@ -2,8 +2,8 @@
 
 It runs ``lisa_tune.lisa.step.train_step``, the same step the memory simulator traces, on real tensors.
 
-Known limitations: one process on one device (no data-parallel launch yet); checkpoints hold the whole training
-state in one file, so a run keeps exactly one checkpoint besides the one being written.
+Known limitations: the trainer runs one process on one device, because data-parallel launch is not built yet.
+Checkpoints hold the whole training state in one file, and a run keeps one checkpoint besides the one being written.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ RESUME_KEYS = (
 
 @dataclass
 class TrainResult:
-    """What a run did."""
+    """The summary of a finished or stopped run."""
 
     steps: int
     losses: list[float]
