@@ -352,10 +352,11 @@ def worst_case_layers(controller: LisaController, freeze_embedding: bool) -> lis
 
 
 def _create_optimizer_state(
-    controller: LisaController, optimizer: torch.optim.Optimizer, tracker: StorageTracker
+    controller: LisaController, optimizer: torch.optim.Optimizer, tracker: StorageTracker, phase: str = "state"
 ) -> None:
+    """Run one optimizer step on zero gradients of the trainable parameters, which creates their AdamW state."""
     tracker.step += 1
-    tracker.set_phase("state")
+    tracker.set_phase(phase)
     for parameter in controller.trainable_parameters():
         parameter.grad = torch.zeros_like(parameter)
     optimizer.step()
@@ -365,11 +366,6 @@ def _create_optimizer_state(
 def _optimizer_only_period(
     controller: LisaController, optimizer: torch.optim.Optimizer, tracker: StorageTracker
 ) -> None:
-    tracker.step += 1
-    tracker.set_phase(Phase.OPTIMIZER)
-    for parameter in controller.trainable_parameters():
-        parameter.grad = torch.zeros_like(parameter)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    _create_optimizer_state(controller, optimizer, tracker, Phase.OPTIMIZER.value)
     tracker.set_phase(Phase.SWITCH)
     controller.switch(optimizer)
