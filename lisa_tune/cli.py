@@ -17,6 +17,7 @@ import click
 
 from lisa_tune.errors import InputError, LisaTuneError
 from lisa_tune.log import configure_logging
+from lisa_tune.model_config import parse_gamma
 
 logger = logging.getLogger(__name__)
 
@@ -25,17 +26,6 @@ _state = {"debug": False}
 PRECISIONS = ("bf16", "amp-bf16", "fp32")
 POLICIES = ("reset", "persistent")
 ADAMW_IMPLEMENTATIONS = ("foreach", "fused", "for-loop")
-
-
-def _parse_gamma(value: str) -> int | None:
-    if value.lower() in ("all", "full"):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise InputError(
-            f"invalid --gamma {value!r}: pass a number of layers (for example 2) or 'full' for full fine-tuning."
-        ) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -183,7 +173,7 @@ def estimate(
     config = SimulationConfig(
         model_config=source.config,
         model_name=source.name,
-        gamma=_parse_gamma(gamma),
+        gamma=parse_gamma(gamma),
         micro_batch_size=micro_batch,
         sequence_length=sequence_length,
         precision=Precision(precision),

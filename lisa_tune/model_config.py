@@ -4,6 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from lisa_tune.errors import InputError
+
+FULL_FINE_TUNING = None
+"""The gamma that ``parse_gamma`` returns for ``full``: every decoder layer trains, with no sampling."""
+
+
+def parse_gamma(text: str) -> int | None:
+    """Parse a ``--gamma`` value: a number of layers, or ``full`` (also ``all``) for full fine-tuning (None)."""
+    if text.strip().lower() in ("all", "full"):
+        return FULL_FINE_TUNING
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(
+            f"invalid --gamma {text!r}: pass a number of layers (for example 2) or 'full' for full fine-tuning."
+        ) from None
+
 
 def is_mixture_of_experts(config: dict[str, Any]) -> bool:
     """Return True when the config describes a mixture-of-experts model."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -45,14 +44,7 @@ TINY_LAYERS = 4
 SEQUENCE_LENGTH = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    # The tiny models' matrices are too small to gain from intra-op threads. On a busy two-core machine the
-    # threads wait on each other and one training step takes seconds in place of milliseconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _config(name: str) -> dict[str, Any]:

@@ -18,10 +18,7 @@ from lisa_tune.train.trainer import LisaTrainer
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(autouse=True)
-def single_thread() -> None:
-    # Bitwise comparisons need the same reduction order in both runs.
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def write_records(path: Path, count: int = 120) -> Path:

@@ -17,7 +17,7 @@ Known limitations:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,24 +273,31 @@ class StorageTracker(TorchDispatchMode):  # type: ignore[misc]
         assigned = self.categories[allocation]
         return assigned if assigned is not None else self.default_categories[allocation]
 
-    def peak(self) -> PeakReport:
-        """Find the highest live bytes over the trace and break it down by category."""
+    def live_at_allocations(self) -> Iterator[tuple[int, Context, int]]:
+        """Yield, for every allocation event in order, its event index, its context and the live bytes after it.
+
+        Live bytes only rise at allocations, so these are the only events where a peak can occur.
+        """
         live = 0
-        peak = 0
-        peak_index = -1
-        phase_peaks: dict[str, int] = {}
         for index, event in enumerate(self.events):
             allocation = abs(event) - 1
             if event > 0:
                 live += self.sizes[allocation]
-                phase = self.context_table[self.contexts[allocation]].phase
-                if live > phase_peaks.get(phase, 0):
-                    phase_peaks[phase] = live
-                if live > peak:
-                    peak = live
-                    peak_index = index
+                yield index, self.context_table[self.contexts[allocation]], live
             else:
                 live -= self.sizes[allocation]
+
+    def peak(self) -> PeakReport:
+        """Find the highest live bytes over the trace and break it down by category."""
+        peak = 0
+        peak_index = -1
+        phase_peaks: dict[str, int] = {}
+        for index, context, live in self.live_at_allocations():
+            if live > phase_peaks.get(context.phase, 0):
+                phase_peaks[context.phase] = live
+            if live > peak:
+                peak = live
+                peak_index = index
 
         alive_at_peak = self._alive_after(peak_index)
         alive_at_end = self._alive_after(len(self.events) - 1)

@@ -9,11 +9,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from lisa_tune.files import write_atomically
 from lisa_tune.planner.memory_fit import MemoryFit
 
 logger = logging.getLogger(__name__)
@@ -94,9 +94,7 @@ def store_fit(fit: MemoryFit) -> None:
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8") as stream:
-            stream.write(fit.to_json())
-            temporary = Path(stream.name)
-        os.replace(temporary, folder / f"{fit.key}.json")
+        text = fit.to_json()
+        write_atomically(folder / f"{fit.key}.json", lambda temporary: temporary.write_text(text, encoding="utf-8"))
     except OSError as error:
         logger.warning("cannot write the memory-fit cache in %s: %s", folder, error)

@@ -12,17 +12,17 @@ from typing import Any
 import yaml
 
 from lisa_tune.errors import InputError, LisaTuneError
-from lisa_tune.model_config import hidden_size, layer_count, max_positions
+from lisa_tune.model_config import FULL_FINE_TUNING, hidden_size, layer_count, max_positions, parse_gamma
 from lisa_tune.planner.cache import fit_key, load_fit, store_fit
 from lisa_tune.planner.memory_fit import MemoryFit
 from lisa_tune.planner.search import (
     DEFAULT_GAMMA,
-    MAX_SEQUENCE,
     Budget,
     Plan,
     SearchSpace,
-    largest_fitting,
+    longest_fitting_sequence,
     search,
+    usable_bytes,
 )
 from lisa_tune.profiles import GpuProfile, find_gpu_profile, load_gpu_profiles, resolve_model
 from lisa_tune.units import parse_size
@@ -172,17 +172,6 @@ class FitCache:
         return fit
 
 
-def _parse_gamma(value: int | str | None, layers: int) -> int | None:
-    if value is None or isinstance(value, int):
-        return value
-    if value.strip().lower() in ("full", "all"):
-        return layers
-    try:
-        return int(value)
-    except ValueError:
-        raise InputError(f"invalid --gamma {value!r}: pass a number of layers (for example 2) or 'full'.") from None
-
-
 def _parse_sequences(text: str) -> list[int] | None:
     if text.strip().lower() == "auto":
         return None
@@ -210,7 +199,10 @@ def make_plan(options: PlanOptions) -> tuple[Plan, FitCache]:
     if layers is None or hidden_size(source.config) is None:
         raise InputError(f"the config of model {source.name} states no layer count or hidden size.")
     problems: list[str] = []
-    gamma = _parse_gamma(options.gamma, layers)
+    # None searches every gamma; "full" narrows the search to all layers.
+    gamma = options.gamma if options.gamma is None or isinstance(options.gamma, int) else parse_gamma(options.gamma)
+    if isinstance(options.gamma, str) and gamma is FULL_FINE_TUNING:
+        gamma = layers
     if gamma is not None and not 1 <= gamma <= layers:
         problems.append(f"--gamma {options.gamma} is outside 1 to the model's {layers} layers")
     if options.batch is not None and options.batch < 1:
@@ -279,19 +271,12 @@ def _longest_sequence(
     batches: list[int],
     limit: int | None,
 ) -> int:
-    batch = batches[0]
-    usable = int(budget.total_bytes * (1 - options.margin))
-    overhead = budget.context_bytes + budget.cublas_bytes
-    candidates = list(range(1, (limit or MAX_SEQUENCE) + 1))
+    usable = usable_bytes(budget, options.margin)
     best = 0
     for precision in precisions:
         for checkpoint in checkpointing:
             fit = fits(precision, checkpoint)
-
-            def fits_at(sequence: int, fit: MemoryFit = fit) -> bool:
-                return fit.tensor_peak_bytes(gamma, batch, sequence) + overhead <= usable
-
-            longest = largest_fitting(candidates, fits_at)
+            longest = longest_fitting_sequence(fit, budget, usable, gamma, batches[0], limit)
             best = max(best, longest or 0)
     # With nothing fitting, plan a one-token sequence so the search reports what the smallest run needs.
     return max(best, 1)
@@ -299,7 +284,8 @@ def _longest_sequence(
 
 def write_outputs(plan: Plan, fits: FitCache, options: PlanOptions, output: Path | None, plot: Path | None) -> None:
     """Write the plan file and the plot, each atomically."""
-    from lisa_tune.planner.output import plan_to_yaml_dict, write_atomically, write_plot
+    from lisa_tune.files import write_atomically
+    from lisa_tune.planner.output import plan_to_yaml_dict, write_plot
 
     if output is not None:
         document = plan_to_yaml_dict(plan, options.attention, options.adamw)

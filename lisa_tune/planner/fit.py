@@ -76,18 +76,11 @@ def segment_of(phase: str, module: str, layers: int, gamma: int) -> str:
 
 def _live_at_allocations(tracker: StorageTracker, layers: int, gamma: int) -> tuple[np.ndarray, list[str]]:
     """Return the live bytes right after each allocation event, and the segment of each."""
-    live = 0
     values: list[int] = []
     segments: list[str] = []
-    for event in tracker.events:
-        allocation = abs(event) - 1
-        if event > 0:
-            live += tracker.sizes[allocation]
-            values.append(live)
-            context = tracker.context_table[tracker.contexts[allocation]]
-            segments.append(segment_of(context.phase, context.module, layers, gamma))
-        else:
-            live -= tracker.sizes[allocation]
+    for _index, context, live in tracker.live_at_allocations():
+        values.append(live)
+        segments.append(segment_of(context.phase, context.module, layers, gamma))
     return np.asarray(values, dtype=np.float64), segments
 
 

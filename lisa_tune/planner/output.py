@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lisa_tune.errors import InputError
+from lisa_tune.files import write_atomically
 from lisa_tune.planner.memory_fit import MemoryFit
 from lisa_tune.planner.search import Candidate, Plan
 from lisa_tune.planner.speed import UTILIZATION
@@ -113,23 +112,6 @@ def check_writable(path: Path, option: str) -> None:
         raise InputError(f"{option} {path}: folder {parent} does not exist; create it or pick another path.")
     if not os.access(parent, os.W_OK):
         raise InputError(f"{option} {path}: folder {parent} is not writable; pick another path.")
-
-
-def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file in the same folder and rename it, so no partial file is left behind."""
-    path = path.expanduser()
-    handle, temporary_name = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    temporary = Path(temporary_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(temporary)
-        # mkstemp creates the file readable by its owner only; give it the mode a plain open() would.
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _gb(nbytes: float) -> str:

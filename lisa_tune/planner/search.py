@@ -125,6 +125,22 @@ def _fits_with(fit: MemoryFit, budget: Budget, usable: int, gamma: int, sequence
     return fits
 
 
+def usable_bytes(budget: Budget, margin: float) -> int:
+    """Return the bytes a configuration may use: the budget less the safety margin, rounded down."""
+    return math.floor(budget.total_bytes * (1.0 - margin))
+
+
+def longest_fitting_sequence(
+    fit: MemoryFit, budget: Budget, usable: int, gamma: int, batch: int, limit: int | None
+) -> int | None:
+    """Return the longest sequence, up to ``limit`` or ``MAX_SEQUENCE`` tokens, that fits ``usable`` bytes."""
+
+    def fits(sequence: int) -> bool:
+        return _device_bytes(fit, budget, gamma, batch, sequence) <= usable
+
+    return largest_fitting(range(1, (limit or MAX_SEQUENCE) + 1), fits)
+
+
 def largest_fitting(values: Sequence[int], fits: Callable[[int], bool]) -> int | None:
     """Return the largest of the sorted ``values`` for which ``fits`` holds; memory grows with each of them."""
     low, high = 0, len(values) - 1
@@ -148,7 +164,7 @@ def search(
     fits: FitProvider, budget: Budget, margin: float, space: SearchSpace, model_name: str, num_layers: int
 ) -> Plan:
     """Find, for every sequence length and gamma, the fastest configuration that fits the budget after ``margin``."""
-    usable = math.floor(budget.total_bytes * (1.0 - margin))
+    usable = usable_bytes(budget, margin)
     plan = Plan(model_name, num_layers, budget, margin, usable, list(space.sequences))
     combos = [(precision, checkpointing) for precision in space.precisions for checkpointing in space.checkpointing]
 
@@ -230,10 +246,7 @@ def _what_would_fit(
         f"of device memory; {usable / 1e9:.2f} GB is usable"
     )
     fit = fits(*cheapest)
-    limit = fit.max_positions or MAX_SEQUENCE
-    longest = largest_fitting(
-        list(range(1, limit + 1)), lambda s: _device_bytes(fit, budget, gamma, batch, s) <= usable
-    )
+    longest = longest_fitting_sequence(fit, budget, usable, gamma, batch, fit.max_positions)
     if longest is not None:
         advice.append(f"a sequence length of {longest} tokens fits at gamma {gamma}, micro-batch {batch}")
     savings = [("bf16", True), ("bf16", False), ("amp-bf16", True)]
