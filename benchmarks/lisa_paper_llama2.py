@@ -3,10 +3,12 @@
 Run: python benchmarks/lisa_paper_llama2.py
 
 The LISA paper (Pan et al. 2024, arXiv 2403.17919) charts the GPU memory of LLaMA-2-7B fine-tuning at batch size 1
-with no gradient checkpointing and no flash attention, weights and AdamW state in bf16: about 60 GB for full
-fine-tuning and about 23 GB for LISA with gamma 2. The chart does not state the sequence length, the allocator
-settings or whether the figure is allocated, reserved or the device's used memory, so this prints the prediction at
-several sequence lengths with each of those figures.
+with no gradient checkpointing and no flash attention, weights and AdamW state in bf16. It reads about 60 GB for
+full fine-tuning and about 23 GB for LISA with gamma 2. The paper's abstract also states that a 7B model needs at
+least 60 GB for full-parameter training; the 23 GB is a reading of the chart, not checked against the paper's text.
+Those readings come with no sequence length, allocator settings or statement of whether the figure is allocated,
+reserved or the device's used memory, so this prints the prediction at several sequence lengths with each of those
+figures.
 """
 
 from __future__ import annotations

@@ -310,7 +310,8 @@ def plan(
 ) -> None:
     """Find the LISA configurations that fit a GPU, and recommend the fastest at gamma 2.
 
-    Exit status 0 when a configuration fits, 1 when none does (the output says what would), 2 for invalid input.
+    Exit status 0 when a configuration fits, 1 when none does (the output suggests what would), 2 for invalid
+    input.
     """
     from lisa_tune.planner.command import NothingFits, PlanOptions, dumps, make_plan, write_outputs
     from lisa_tune.planner.output import check_plot_path, check_writable, plan_to_dict, print_plan

@@ -155,7 +155,7 @@ class Recorder(TrainerCallback):
 
     def __init__(self, lisa: LisaCallback) -> None:
         self.lisa = lisa
-        self.held_at_start: set[str] = set()
+        self.optimizer_names_at_start: set[str] = set()
         self.trainable_at_start: set[str] = set()
         self.active_by_step: dict[int, list[int]] = {}
         self.state_by_step: dict[int, set[str]] = {}
@@ -180,7 +180,7 @@ class Recorder(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         assert model is not None and optimizer is not None
-        self.held_at_start = set(_group_index_by_name(optimizer, model))
+        self.optimizer_names_at_start = set(_group_index_by_name(optimizer, model))
         self.trainable_at_start = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
         assert self.lisa.controller is not None
         self._switches = self.lisa.controller.switches
@@ -300,11 +300,11 @@ def test_reset_keeps_state_of_active_layers_only(tmp_path: Path) -> None:
     assert isinstance(trainer.optimizer, AcceleratedOptimizer)
     visited = {layer for layers in recorder.active_by_step.values() for layer in layers}
     assert len(visited) > 1
-    for step, held in recorder.state_by_step.items():
-        assert held == NON_LAYER | _layer_names(model, recorder.active_by_step[step]), f"after step {step}"
+    for step, names_with_state in recorder.state_by_step.items():
+        assert names_with_state == NON_LAYER | _layer_names(model, recorder.active_by_step[step]), f"after step {step}"
     # The switch after the last step frees the state of the layer that left.
-    kept = set(recorder.active_by_step[10]) & set(lisa.active_layers)
-    assert _names_with_state(trainer.optimizer, model) == NON_LAYER | _layer_names(model, kept)
+    still_active = set(recorder.active_by_step[10]) & set(lisa.active_layers)
+    assert _names_with_state(trainer.optimizer, model) == NON_LAYER | _layer_names(model, still_active)
 
 
 def test_persistent_keeps_state_of_visited_layers(tmp_path: Path) -> None:
@@ -320,7 +320,7 @@ def test_persistent_keeps_state_of_visited_layers(tmp_path: Path) -> None:
     assert _names_with_state(trainer.optimizer, model) == NON_LAYER | _layer_names(model, visited)
 
 
-# Parameters held by the optimizer ---------------------------------------------------------------------------------
+# Parameters in the optimizer ---------------------------------------------------------------------------------
 
 
 def test_optimizer_holds_every_parameter(tmp_path: Path) -> None:
@@ -330,7 +330,7 @@ def test_optimizer_holds_every_parameter(tmp_path: Path) -> None:
 
     all_names = {name for name, _ in model.named_parameters()}
     first = LayerSampler(NUM_LAYERS, 1, seed=0).draw()
-    assert recorder.held_at_start == all_names
+    assert recorder.optimizer_names_at_start == all_names
     assert recorder.trainable_at_start == NON_LAYER | _layer_names(model, first)
 
 
@@ -379,11 +379,11 @@ def test_frozen_parameters_join_trainer_groups(
 
     trainer.train()
 
-    held = [parameter for group in trainer.optimizer.param_groups for parameter in group["params"]]
+    optimizer_parameters = [parameter for group in trainer.optimizer.param_groups for parameter in group["params"]]
     assert reference.optimizer.param_groups[0]["weight_decay"] == 0.1
     assert reference.optimizer.param_groups[1]["weight_decay"] == 0.0
     assert _group_index_by_name(trainer.optimizer, model) == reference_groups
-    assert len(held) == len({id(parameter) for parameter in held})
+    assert len(optimizer_parameters) == len({id(parameter) for parameter in optimizer_parameters})
     assert len(recorder.periods) == 4
     for period in recorder.periods:
         changed_in_layers = {name for name in period.changed if _layer_of(name) is not None}

@@ -124,7 +124,7 @@ class LisaController:
     def place(self, layers: list[int], optimizer: torch.optim.Optimizer | None = None) -> None:
         """Replace the current period's layers before any of its steps has run.
 
-        The memory simulator uses this to trace a chosen placement; the replaced draw counts as never visited, and
+        The memory simulator uses this to trace a chosen placement. The replaced draw counts as never visited, and
         layers leaving the active set get the optimizer-state policy as in ``switch``.
         """
         for index in set(self.active_layers) - set(layers):

@@ -9,7 +9,7 @@ from torch import nn
 
 
 class AdamWImplementation(str, enum.Enum):
-    """Which of PyTorch's AdamW implementations runs the step; they differ in temporary memory."""
+    """The AdamW implementation of PyTorch that runs the step. They differ in temporary memory."""
 
     FOREACH = "foreach"
     """Multi-tensor kernels; PyTorch's default for CUDA parameters. Allocates temporaries per parameter group."""

@@ -8,7 +8,7 @@ import torch
 
 
 class Precision(str, enum.Enum):
-    """How a training step stores weights and computes."""
+    """The storage and compute dtypes of a training step."""
 
     BF16 = "bf16"
     """Weights, gradients and AdamW state in bf16 (the LISA paper's memory figure)."""

@@ -55,7 +55,7 @@ def train_step(
         with forward_context():
             outputs = model(**batch)
         loss = outputs.loss / count
-        # Drop the output object before backward: it holds the logits, which the graph does not need, and keeping
+        # Drop the output object before backward. It references the logits, which the graph does not need, and keeping
         # them would add batch x sequence x vocabulary elements to the backward peak.
         del outputs
         on_phase(Phase.BACKWARD)

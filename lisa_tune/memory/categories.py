@@ -6,7 +6,7 @@ import enum
 
 
 class MemoryCategory(str, enum.Enum):
-    """What a byte of GPU memory holds."""
+    """The use of a byte of GPU memory."""
 
     PARAMETERS = "parameters"
     """Model weights and buffers."""
@@ -21,7 +21,7 @@ class MemoryCategory(str, enum.Enum):
     CUDA_CONTEXT = "cuda_context"
     """The CUDA context and cuBLAS workspace: device memory outside the tensor allocator's pool (estimate)."""
     ALLOCATOR_RESERVE = "allocator_reserve"
-    """Memory the caching allocator holds in its segments but no tensor uses (modelled)."""
+    """Memory the caching allocator keeps reserved in its segments but no tensor uses (modelled)."""
 
 
 TENSOR_CATEGORIES = (

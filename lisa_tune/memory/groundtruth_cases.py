@@ -1,8 +1,8 @@
 """The configurations on which the simulator is compared with a real CPU run.
 
-They cover grouped-query attention with tied embeddings (``tiny-qwen2``), GPT-2's tied embeddings and learned
-positions (``tiny-gpt2``) and Llama (``tiny-llama``); gamma 1, 2 and all layers; checkpointing on and off; bf16
-and fp32; two micro-batch and sequence sizes; and both attention implementations.
+The models are ``tiny-qwen2`` (grouped-query attention, tied embeddings), ``tiny-gpt2`` (tied embeddings, learned
+positions) and ``tiny-llama``. The settings cover gamma 1, 2 and all layers, checkpointing on and off, bf16 and
+fp32, two micro-batch and sequence sizes, and both attention implementations.
 """
 
 from __future__ import annotations

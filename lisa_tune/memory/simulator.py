@@ -220,8 +220,8 @@ def simulate(config: SimulationConfig, keep_trace: bool = False, steady_state_on
 
     ``keep_trace`` keeps the tracker, with every allocation and free, on the result's ``trace`` field.
     ``steady_state_only`` creates the period's AdamW state with an optimizer step on zero gradients and then traces
-    one full step instead of two. The second full step holds everything the first does plus that state, so the
-    peak is the same; the memory planner uses it to halve its tracing time.
+    one full step instead of two. The second full step has everything the first has alive plus that state, so the
+    peak is the same, and the memory planner uses it to halve its tracing time.
     """
     validate(config)
     build_start = time.perf_counter()
@@ -273,8 +273,8 @@ def simulate(config: SimulationConfig, keep_trace: bool = False, steady_state_on
                     _optimizer_only_period(controller, optimizer, tracker)
                     continue
                 if config.worst_case_layers and not controller.full_fine_tuning:
-                    # Backward runs from the top layer down, so gradients of the top layers are allocated while
-                    # almost every activation is still alive; lower layers' gradients appear after most are freed.
+                    # Backward runs from the top layer down, so the top layers' gradients are allocated while almost
+                    # every activation is still alive. Lower layers' gradients appear after most are freed.
                     controller.place(worst_case_layers(controller, config.freeze_embedding), optimizer)
                 full_steps = STEPS_PER_PERIOD
                 if steady_state_only:

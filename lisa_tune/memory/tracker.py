@@ -98,7 +98,7 @@ class StorageTracker(TorchDispatchMode):  # type: ignore[misc]
         self.phase = phase.value if isinstance(phase, Phase) else phase
         self.phase_starts.setdefault((self.step, self.phase), len(self.events))
         # Non-reentrant checkpointing stops a recomputation once it has the tensors it needs, so the forward hook
-        # that pops the module stack may never run; no module is active between phases.
+        # that pops the module stack may never run. No module is active between phases.
         self._module_stack.clear()
         if self.phase == Phase.FORWARD.value:
             self.backward_module = ""
@@ -179,7 +179,7 @@ class StorageTracker(TorchDispatchMode):  # type: ignore[misc]
         kwargs = kwargs or {}
         if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
             # Meta tensors have no values. The one data-dependent check transformers makes in a training forward
-            # tests whether sequences are packed (``.all()`` is True for unpacked ones), so answer True, or 0.
+            # tests whether sequences are packed (``.all()`` is True for unpacked ones), so return True, or 0.
             return True if args[0].dtype == torch.bool else 0
         operator = str(func)
         workspace_bytes = self.workspace(func, args, kwargs) if self.workspace is not None else 0

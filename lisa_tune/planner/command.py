@@ -36,7 +36,7 @@ _SIZE_LIKE = re.compile(r"^\s*[+-]?\d")
 
 
 class NothingFits(LisaTuneError):
-    """No configuration fits the budget; the plan's advice says what would. Exit status 1."""
+    """No configuration fits the budget, and the plan's advice suggests what would. Exit status 1."""
 
     exit_code = 1
 

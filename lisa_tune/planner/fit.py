@@ -87,12 +87,12 @@ def _live_at_allocations(tracker: StorageTracker, layers: int, gamma: int) -> tu
 def pareto_front(c: np.ndarray, d: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Drop the lines c + d*T + e*Q that another line bounds from above for every T, Q >= 0."""
     order = np.lexsort((-e, -d, -c))
-    kept: list[int] = []
+    front: list[int] = []
     for index in order:
-        dominated = any(d[k] >= d[index] and e[k] >= e[index] for k in kept)
+        dominated = any(d[k] >= d[index] and e[k] >= e[index] for k in front)
         if not dominated:
-            kept.append(int(index))
-    keep = np.asarray(sorted(kept), dtype=np.int64)
+            front.append(int(index))
+    keep = np.asarray(sorted(front), dtype=np.int64)
     return c[keep], d[keep], e[keep]
 
 

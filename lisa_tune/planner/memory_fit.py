@@ -6,8 +6,8 @@ not depend on them. So two traces (three with eager attention) give, for each al
 as c + d*T (+ e*Q), and the peak of any batch and sequence is the maximum of those lines, exactly.
 
 Layers and gamma are handled by traces of reduced models with the active layers at the top, the placement the
-simulator traces: at fixed T the peak of each phase is affine in the layer count and in gamma, so three reduced
-models (4 layers with gamma 1 and 2, 5 layers with gamma 1) extrapolate to the full model. Tests compare the
+simulator traces. At fixed T the peak of each part of the step is affine in the layer count and in gamma. So three
+reduced models (4 layers with gamma 1 and 2, 5 layers with gamma 1) extrapolate to the full model. Tests compare the
 result with full traces (``tests/test_planner.py``).
 """
 

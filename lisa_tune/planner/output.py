@@ -18,7 +18,7 @@ from lisa_tune.units import GB, GIB
 
 SCHEMA = "lisa-tune/plan/v1"
 TABLE_GAMMAS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 80)
-"""Gammas shown in the printed table when every gamma was searched; JSON lists all of them."""
+"""Gammas displayed in the printed table when every gamma was searched; JSON lists all of them."""
 
 
 def wide_console() -> Console:
@@ -146,8 +146,8 @@ def print_plan(plan: Plan, defaults_used: list[str], console: Console | None = N
     table = Table(title="Fastest fitting configuration per gamma", title_justify="left")
     for column in ("seq", "gamma", "micro-batch", "accum.", "ckpt", "precision", "peak GB", "budget GB", "tokens/s*"):
         table.add_column(column, justify="right")
-    shown = [row for row in plan.rows if len(plan.rows) <= 16 or row.gamma in TABLE_GAMMAS or row == chosen]
-    for row in shown:
+    displayed = [row for row in plan.rows if len(plan.rows) <= 16 or row.gamma in TABLE_GAMMAS or row == chosen]
+    for row in displayed:
         marker = " <" if row == chosen else ""
         table.add_row(
             str(row.sequence_length),
@@ -161,8 +161,8 @@ def print_plan(plan: Plan, defaults_used: list[str], console: Console | None = N
             f"{row.tokens_per_second:,.0f}",
         )
     console.print(table)
-    if len(shown) < len(plan.rows):
-        console.print(f"{len(shown)} of {len(plan.rows)} rows shown; --json lists every gamma.")
+    if len(displayed) < len(plan.rows):
+        console.print(f"{len(displayed)} of {len(plan.rows)} rows displayed; --json lists every gamma.")
     console.print(
         f"* tokens/s is an estimate: step work over {100 * UTILIZATION:.0f}% of the {budget.gpu.name}'s dense bf16 "
         "peak plus a bandwidth-bound AdamW step; it ranks configurations, it is not a measurement."

@@ -245,10 +245,12 @@ def _what_would_fit(
         f"{cheapest[0]}, checkpointing {'on' if cheapest[1] else 'off'}) needs {needs[cheapest] / 1e9:.2f} GB "
         f"of device memory; {usable / 1e9:.2f} GB is usable"
     )
+
     fit = fits(*cheapest)
     longest = longest_fitting_sequence(fit, budget, usable, gamma, batch, fit.max_positions)
     if longest is not None:
         advice.append(f"a sequence length of {longest} tokens fits at gamma {gamma}, micro-batch {batch}")
+
     savings = [("bf16", True), ("bf16", False), ("amp-bf16", True)]
     for precision, checkpointing in savings:
         if (precision, checkpointing) in combos:
@@ -260,12 +262,14 @@ def _what_would_fit(
                 f"({need / 1e9:.2f} GB)"
             )
             break
+
     always_trained = 3 * fit.always_trainable_count * fit.state_element_bytes
     advice.append(
         f"the embedding and LM head are always trained: their gradients and AdamW state take "
         f"{always_trained / 1e9:.2f} GB; lisa-tune estimate --freeze-embedding predicts a run with a frozen "
         "embedding, which the planner does not search"
     )
+
     if longest is None:
         parameters_only = fit.parameter_bytes + budget.cublas_bytes + budget.context_bytes
         if parameters_only > usable:
