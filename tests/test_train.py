@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from records import write_records
 
 from lisa_tune.cli import main
 from lisa_tune.errors import InputError
@@ -19,15 +20,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
-
-
-def write_records(path: Path, count: int = 120) -> Path:
-    records = [
-        {"instruction": f"Add {i} and {i + 3}.", "input": "", "output": f"The sum is {2 * i + 3}.", "status": "ok"}
-        for i in range(count)
-    ]
-    path.write_text("\n".join(json.dumps(record) for record in records) + "\n", encoding="utf-8")
-    return path
 
 
 def config(tmp_path: Path, run: str = "run", **changes: object) -> TrainConfig:
@@ -83,11 +75,17 @@ def test_metrics_file_fields(tmp_path: Path) -> None:
     run(config(tmp_path, max_steps=6))
     lines = (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines]
-    assert [record["step"] for record in records] == [3, 6]
-    for key in ("loss", "learning_rate", "active_layers", "tokens_per_second", "peak_memory_bytes"):
-        assert key in records[0], key
-    assert len(records[0]["active_layers"]) == 2
-    assert records[1]["eval_loss"] is not None
+    logs = [record for record in records if record["event"] == "log"]
+    evals = [record for record in records if record["event"] == "eval"]
+    assert [record["step"] for record in logs] == [3, 6]
+    for key in ("loss", "learning_rate", "active_layers", "tokens_per_second", "peak_memory_bytes", "tokens"):
+        assert key in logs[0], key
+    assert len(logs[0]["active_layers"]) == 2
+    assert logs[1]["eval_loss"] is not None
+    # The default eval_every is above 6 steps, so the held-out set is scored at the start and at the end.
+    assert [record["step"] for record in evals] == [0, 6]
+    assert evals[0]["tokens"] == 0
+    assert evals[1]["tokens"] == logs[1]["tokens"] > logs[0]["tokens"] > 0
 
 
 def test_layers_switch_every_interval(tmp_path: Path) -> None:

@@ -39,12 +39,15 @@ def train_step(
     forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     on_phase: PhaseHook = _no_phase_hook,
+    reduce_gradients: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Run one optimizer step over ``micro_batches`` (gradient accumulation) and return the mean loss, detached.
 
     Each micro-batch is a mapping of model inputs that includes ``labels``. ``forward_context`` wraps every
     forward pass (``torch.autocast`` for mixed precision). ``on_phase`` is called as each phase starts, so a
-    memory tracker can attribute allocations to it.
+    memory tracker can attribute allocations to it. ``reduce_gradients`` is called once, after the backward pass
+    of the last micro-batch and before the optimizer step. Data-parallel training averages the gradients across
+    processes there, so the micro-batches of a step accumulate locally without communication.
     """
     count = len(micro_batches)
     if count == 0:
@@ -64,6 +67,8 @@ def train_step(
         total = detached if total is None else total + detached
         del loss
 
+    if reduce_gradients is not None:
+        reduce_gradients()
     on_phase(Phase.OPTIMIZER)
     optimizer.step()
     if scheduler is not None:

@@ -8,7 +8,8 @@ is a ``TorchFunctionMode`` that, during a trace:
   bf16 on CUDA, memory-efficient attention for fp32 on CUDA, the CPU flash kernel on CPU). Their meta kernels give
   the outputs and the tensors autograd saves (output and log-sum-exp, O(sequence) per head, not O(sequence^2));
 - emulates bf16 autocast for ``amp-bf16``: matrix products take bf16 copies of their fp32 inputs, with each
-  parameter cast once per forward pass as autocast's weight cache does, and the fp32-listed operators cast to fp32.
+  parameter cast once per forward pass as autocast's weight cache does, and the target device's fp32-listed
+  operators cast to fp32.
 
 ``workspace_rule`` returns the internal scratch memory of the kernels whose workspace the meta kernels do not show.
 """
@@ -60,6 +61,13 @@ _FP32_FUNCTIONS = {
     torch.pow,
     torch.Tensor.pow,
 }
+# Of the operators above, CPU autocast runs only the losses in fp32. Under torch.autocast("cpu", torch.bfloat16) in
+# torch 2.13, cross_entropy and nll_loss return fp32 for bf16 inputs, while softmax, log_softmax, layer_norm, rsqrt,
+# exp and pow return bf16.
+_CPU_FP32_FUNCTIONS = {
+    F.cross_entropy,
+    F.nll_loss,
+}
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -75,6 +83,7 @@ class TargetKernels(TorchFunctionMode):
             raise ValueError(f"invalid target device {target_device!r}: use 'cuda' or 'cpu'")
         self.target_device = target_device
         self.autocast_dtype = autocast_dtype
+        self.fp32_functions = _FP32_FUNCTIONS if target_device == "cuda" else _CPU_FP32_FUNCTIONS
         self.cache_casts = True
         self._cast_cache: dict[int, torch.Tensor] = {}
 
@@ -101,7 +110,7 @@ class TargetKernels(TorchFunctionMode):
         if self.autocast_dtype is not None:
             if func in _LOWER_PRECISION_FUNCTIONS:
                 args, kwargs = self._cast_all(args, kwargs, self.autocast_dtype)
-            elif func in _FP32_FUNCTIONS:
+            elif func in self.fp32_functions:
                 args, kwargs = self._cast_all(args, kwargs, torch.float32)
         return func(*args, **kwargs)
 

@@ -76,6 +76,12 @@ class SimulationConfig:
     False traces the layers the seeded sampler draws."""
     gpu: GpuProfile | None = None
     """Supplies the CUDA context and cuBLAS workspace; None leaves both at zero."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step. From the second one on, the gradients of the earlier ones are alive
+    through the whole forward and backward pass, so the peak grows with accumulation."""
+    active_layers: tuple[int, ...] | None = None
+    """Decoder layers active in the last traced period, to match a real run. None leaves the placement to
+    ``worst_case_layers``."""
 
     @property
     def adamw_implementation(self) -> AdamWImplementation:
@@ -169,6 +175,16 @@ def validate(config: SimulationConfig) -> int:
         problems.append(f"sequence length {config.sequence_length} is below 1; pass --seq 1 or more")
     if config.periods < 1:
         problems.append(f"periods {config.periods} is below 1; pass --periods 1 or more")
+    if config.gradient_accumulation_steps < 1:
+        problems.append(f"gradient accumulation steps {config.gradient_accumulation_steps} is below 1; pass 1 or more")
+    if config.active_layers is not None and layers is not None:
+        expected = layers if config.gamma is None else config.gamma
+        chosen = set(config.active_layers)
+        if len(chosen) != len(config.active_layers) or len(chosen) != expected or not chosen <= set(range(layers)):
+            problems.append(
+                f"active layers {list(config.active_layers)} are invalid: pass {expected} distinct layer indices "
+                f"from 0 to {layers - 1}"
+            )
     if is_mixture_of_experts(config.model_config) and config.precision is not Precision.BF16:
         # transformers runs experts through torch._grouped_mm, whose meta kernel in torch 2.13 takes bf16 only. Its
         # per-expert loop selects tokens with torch.nonzero, which has no meta kernel, so neither can be traced.
@@ -272,7 +288,9 @@ def simulate(config: SimulationConfig, keep_trace: bool = False, steady_state_on
                 if not last_period:
                     _optimizer_only_period(controller, optimizer, tracker)
                     continue
-                if config.worst_case_layers and not controller.full_fine_tuning:
+                if config.active_layers is not None:
+                    controller.place(list(config.active_layers), optimizer)
+                elif config.worst_case_layers and not controller.full_fine_tuning:
                     # Backward runs from the top layer down, so the top layers' gradients are allocated while almost
                     # every activation is still alive. Lower layers' gradients appear after most are freed.
                     controller.place(worst_case_layers(controller, config.freeze_embedding), optimizer)
@@ -287,8 +305,9 @@ def simulate(config: SimulationConfig, keep_trace: bool = False, steady_state_on
                         config.micro_batch_size, config.sequence_length, dtype=torch.long, device="meta"
                     )
                     batch = {"input_ids": input_ids, "labels": input_ids}
-                    train_step(model, optimizer, controller, [batch], on_phase=on_phase)
-                    del batch, input_ids
+                    micro_batches = [batch] * config.gradient_accumulation_steps
+                    train_step(model, optimizer, controller, micro_batches, on_phase=on_phase)
+                    del batch, input_ids, micro_batches
     finally:
         tracker.detach_hooks()
     trace_seconds = time.perf_counter() - trace_start

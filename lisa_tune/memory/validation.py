@@ -59,8 +59,10 @@ def measure_cpu_step(config: SimulationConfig, data_seed: int = 0) -> int:
             layers_path=config.layers_path,
         )
         optimizer = build_adamw(model, implementation=config.adamw_implementation)
-        if config.worst_case_layers and not controller.full_fine_tuning:
-            # The same placement the simulator traces.
+        # The same placement the simulator traces.
+        if config.active_layers is not None:
+            controller.place(list(config.active_layers), optimizer)
+        elif config.worst_case_layers and not controller.full_fine_tuning:
             controller.place(worst_case_layers(controller, config.freeze_embedding), optimizer)
         forward_context = (
             (lambda: torch.autocast("cpu", dtype=config.precision.autocast_dtype))
@@ -68,15 +70,17 @@ def measure_cpu_step(config: SimulationConfig, data_seed: int = 0) -> int:
             else None
         )
         for _ in range(STEPS_PER_PERIOD):
-            input_ids = torch.randint(
-                0, vocab_size, (config.micro_batch_size, config.sequence_length), generator=generator
-            )
-            batch = {"input_ids": input_ids, "labels": input_ids}
+            micro_batches = []
+            for _ in range(config.gradient_accumulation_steps):
+                input_ids = torch.randint(
+                    0, vocab_size, (config.micro_batch_size, config.sequence_length), generator=generator
+                )
+                micro_batches.append({"input_ids": input_ids, "labels": input_ids})
             if forward_context is None:
-                train_step(model, optimizer, controller, [batch])
+                train_step(model, optimizer, controller, micro_batches)
             else:
-                train_step(model, optimizer, controller, [batch], forward_context=forward_context)
-            del batch, input_ids
+                train_step(model, optimizer, controller, micro_batches, forward_context=forward_context)
+            del micro_batches, input_ids
 
     return measure_peak_live_bytes(run).peak_bytes
 

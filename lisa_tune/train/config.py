@@ -61,6 +61,10 @@ class TrainConfig:
     attention: str = "sdpa"
     tokenizer_vocab_size: int = 4096
     """Vocabulary of the BPE tokenizer trained for a bundled profile, which ships no tokenizer."""
+    tokenizer: str | None = None
+    """A tokenizer directory for a bundled profile, used instead of training one (the tuner shares one)."""
+    trial: bool = False
+    """A short tuner trial: no checkpoints, final model, loss plot or end-of-run memory comparison."""
 
     @property
     def sequences_per_step(self) -> int:
@@ -121,6 +125,8 @@ PLAN_KEYS = {
     "attention": "attention",
     "optimizer_state_policy": "policy",
     "interval": "interval",
+    "learning_rate": "learning_rate",
+    "tokenizer": "tokenizer",
 }
 
 

@@ -23,6 +23,7 @@ Known limitations:
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from lisa_tune.errors import InputError
 
@@ -881,27 +882,53 @@ def make_dataloader(
     seed: int,
     shuffle: bool = True,
     drop_last: bool = False,
+    first_batch: int = 0,
+    batch_stride: int = 1,
 ) -> DataLoader[Example]:
     """Build a single-process ``DataLoader`` whose shuffled order depends only on ``seed``.
 
     The loader owns a ``torch.Generator`` seeded with ``seed``, so two loaders with the same seed yield the same
     batches in every epoch, and the global random state is neither read nor changed.
 
-    NOTE: data-parallel training needs a ``DistributedSampler`` in place of this loader's sampler.
+    The loader yields batches ``first_batch``, ``first_batch + batch_stride``, ... of that order and skips the others
+    without collating them. A resumed run uses ``first_batch`` to skip the batches it has trained on, and each process
+    of a data-parallel run takes every ``batch_stride``-th batch of the one order that all processes share.
     """
     if batch_size < 1:
         raise InputError(f"Invalid batch size {batch_size}: it must be at least 1, so raise it.")
+    if first_batch < 0 or batch_stride < 1:
+        raise ValueError(
+            f"invalid batch selection: first_batch is {first_batch} and batch_stride {batch_stride}, but first_batch "
+            "must be at least 0 and batch_stride at least 1"
+        )
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed)
+    # The sampler and the loader share the generator, as DataLoader(shuffle=True, generator=...) builds them, so the
+    # order is the same as that loader's.
+    sampler: Sampler[int] = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    batches = _SelectedBatches(BatchSampler(sampler, batch_size, drop_last), first_batch, batch_stride)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
+        batch_sampler=batches,
         collate_fn=dataset.collate,
         generator=generator,
         num_workers=0,
     )
+
+
+class _SelectedBatches(Sampler[list[int]]):
+    """Every ``stride``-th batch of ``batches``, from batch ``first`` on."""
+
+    def __init__(self, batches: BatchSampler, first: int, stride: int) -> None:
+        self.batches = batches
+        self.first = first
+        self.stride = stride
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.batches), self.first, None, self.stride)
+
+    def __len__(self) -> int:
+        return max(0, -(-(len(self.batches) - self.first) // self.stride))
 
 
 def split_holdout(dataset: TokenizedDataset, fraction: float, seed: int) -> tuple[TokenizedDataset, TokenizedDataset]:
