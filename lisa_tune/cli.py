@@ -424,7 +424,7 @@ def plan(
 def train(plan_file: Path | None, resume: bool, **options: Any) -> None:
     """Fine-tune a model with LISA and save it as a Hugging Face directory in RUN_DIR/final."""
     from lisa_tune.train.config import TrainConfig, read_plan
-    from lisa_tune.train.trainer import LisaTrainer
+    from lisa_tune.train.trainer import run_training
 
     names = {
         "grad_ckpt": "gradient_checkpointing",
@@ -433,17 +433,91 @@ def train(plan_file: Path | None, resume: bool, **options: Any) -> None:
     for key, value in options.items():
         if value is not None:
             settings[names.get(key, key)] = value
-    config = TrainConfig(**settings)
-    trainer = LisaTrainer(config, resume=resume)
-    trainer.setup()
-    result = trainer.train()
-    logger.info(
-        "trained %d steps: held-out loss %.4f at the start, %.4f at the end; model in %s",
-        result.steps,
-        result.eval_losses.get(0, float("nan")),
-        result.eval_losses.get(result.steps, float("nan")),
-        result.final_dir,
-    )
+    run_training(TrainConfig(**settings), resume=resume)
+
+
+@cli.command()
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Training data: JSON or JSONL records; every trial trains and is scored on the same split of it.",
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder of the study: study.db, one folder per trial, best.yaml and the plots. Rerun to resume.",
+)
+@click.option(
+    "--trials", type=int, required=True, help="Trials to run; configurations that do not fit are not counted."
+)
+@click.option("--gpu", default=None, help="Memory budget: a size (24GB, 24GiB), a GPU name, or auto.")
+@click.option("--model", default=None, help="Model directory with weights and tokenizer, or a bundled profile.")
+@click.option(
+    "--config",
+    "plan_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A plan.yaml from lisa-tune plan --output: fixed settings and the first trial. Flags override it.",
+)
+@click.option("--gamma", "gammas", default=None, help="Gammas to search: 1,2,4 or a range 1-8.  [default: 1,2,4,8]")
+@click.option("--interval", "intervals", default=None, help="K values to search (optimizer steps).  [default: 5,10,20]")
+@click.option(
+    "--micro-batch", "micro_batches", default=None, help="Micro-batch sizes to search; each must divide --batch."
+)
+@click.option("--batch", type=int, default=None, help="Sequences per optimizer step, the same in every trial.")
+@click.option(
+    "--learning-rate",
+    default="3e-4",
+    show_default=True,
+    help="A learning rate, or a range low:high searched on a log scale.",
+)
+@click.option("--seq", "sequence_length", type=int, default=None, help="Sequence length in tokens.  [default: 256]")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None, help="Precision of every trial.")
+@click.option(
+    "--grad-ckpt/--no-grad-ckpt", "gradient_checkpointing", default=None, help="Gradient checkpointing in every trial."
+)
+@click.option("--attention", type=click.Choice(("sdpa", "eager")), default=None, help="Attention implementation.")
+@click.option("--policy", type=click.Choice(POLICIES), default=None, help="Optimizer state of outgoing layers.")
+@click.option(
+    "--trial-steps",
+    type=int,
+    default=None,
+    help="Optimizer steps per trial; at least 3 periods of the largest K.  [default: 3 x largest K]",
+)
+@click.option("--reports", type=int, default=4, show_default=True, help="Held-out evaluations per trial, for pruning.")
+@click.option("--pruner", type=click.Choice(("median", "none")), default="median", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data, weights and the sampler.")
+@click.option("--sampler-seed", type=int, default=None, help="Seed of the sampler alone, to repeat a search.")
+@click.option("--margin", type=float, default=0.05, show_default=True, help="Share of the budget kept free.")
+@click.option("--eval-fraction", type=float, default=0.05, show_default=True, help="Share of the data held out.")
+@click.option(
+    "--storage",
+    default=None,
+    help="Optuna storage URL shared by several workers, e.g. postgresql://user:password@host/db.  "
+    "[default: sqlite in --run-dir]",
+)
+@click.option("--study-name", default=None, help="Study name in the storage.  [default: the run folder's name]")
+@click.option(
+    "--trial-memory-limit",
+    default=None,
+    help="Cap each trial process's address space (e.g. 6GB); a CPU stand-in for a smaller device.",
+)
+@click.option("--threads", type=int, default=None, help="CPU threads per trial.  [default: PyTorch's choice]")
+@click.option("--launch", is_flag=True, help="Train the winner afterwards in RUN_DIR/train.")
+@click.option(
+    "--launch-steps", type=int, default=None, help="Optimizer steps of the launched run.  [default: one epoch]"
+)
+def tune(**options: Any) -> None:
+    """Search gamma and K with Optuna by short real LISA trials that fit the budget, then pick the winner.
+
+    Exit status 0 with a winner, 1 when nothing fits the budget or no trial completed, 2 for invalid input.
+    """
+    from lisa_tune.tune.command import TuneOptions, run_tune
+
+    if run_tune(TuneOptions(**options)):
+        raise LisaTuneError("no trial completed; see the table above and the logs in RUN_DIR/trials")
 
 
 def main(argv: list[str] | None = None) -> int:

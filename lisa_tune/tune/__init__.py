@@ -1,0 +1,1 @@
+"""The tuner: an Optuna search over gamma and K by short real LISA trials."""

@@ -1,0 +1,159 @@
+"""The tuner's outputs: the trial table, best.yaml and the PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.table import Table
+
+from lisa_tune.files import write_atomically
+from lisa_tune.planner.output import wide_console
+from lisa_tune.tune.tuner import StudySettings, best_trial, format_bytes
+
+HISTORY_PLOT = "history.png"
+MAP_PLOT = "gamma_k.png"
+OVERHEAD = ("process_start", "imports", "setup")
+"""Parts of a trial's time that are not training or evaluation: interpreter start, imports, model and data set-up."""
+
+
+def _outcome(trial: FrozenTrial) -> str:
+    if trial.state == TrialState.FAIL and "outcome" not in trial.user_attrs:
+        return "failed (worker stopped)"
+    outcome = str(trial.user_attrs.get("outcome", trial.state.name.lower()))
+    if "repeat_of" in trial.user_attrs:
+        outcome = f"repeat of {trial.user_attrs['repeat_of']}"
+    return outcome
+
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """Return one row per trial with the figures the table and the documentation show."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        timings = trial.user_attrs.get("timings") or {}
+        total = sum(float(timings.get(key, 0.0)) for key in (*OVERHEAD, "train")) if timings else None
+        overhead = sum(float(timings.get(key, 0.0)) for key in OVERHEAD)
+        rows.append(
+            {
+                "number": trial.number,
+                "gamma": trial.params.get("gamma"),
+                "interval": trial.params.get("interval"),
+                "micro_batch_size": trial.params.get("micro_batch_size"),
+                "learning_rate": trial.params.get("learning_rate"),
+                "outcome": _outcome(trial),
+                "held_out_loss": trial.value if trial.state == TrialState.COMPLETE else None,
+                "tokens_per_second": trial.user_attrs.get("tokens_per_second"),
+                "predicted_peak_bytes": trial.user_attrs.get("predicted_peak_bytes"),
+                "measured_peak_bytes": trial.user_attrs.get("measured_peak_bytes"),
+                "seconds": round(total, 1) if total else None,
+                "overhead_share": round(overhead / total, 3) if total else None,
+            }
+        )
+    return rows
+
+
+def print_table(study: optuna.Study, settings: StudySettings) -> None:
+    """Print every trial of the study, the best marked."""
+    best = best_trial(study)
+    table = Table(title=f"Trials of study {study.study_name} ({settings.tokens_per_trial:,} training tokens each)")
+    for header in (
+        "#",
+        "gamma",
+        "K",
+        "micro-batch",
+        "lr",
+        "outcome",
+        "held-out loss",
+        "tokens/s",
+        "predicted",
+        "measured",
+        "seconds",
+    ):
+        table.add_column(header, justify="left" if header == "outcome" else "right")
+    for row in trial_rows(study):
+        mark = " *" if best is not None and row["number"] == best.number else ""
+        table.add_row(
+            f"{row['number']}{mark}",
+            str(row["gamma"]),
+            str(row["interval"]),
+            str(row["micro_batch_size"] or settings.space.micro_batches[0]),
+            f"{row['learning_rate'] or settings.space.learning_rate.low:.1e}",
+            row["outcome"],
+            "-" if row["held_out_loss"] is None else f"{row['held_out_loss']:.4f}",
+            "-" if row["tokens_per_second"] is None else f"{row['tokens_per_second']:.0f}",
+            format_bytes(row["predicted_peak_bytes"]),
+            format_bytes(row["measured_peak_bytes"]),
+            "-" if row["seconds"] is None else f"{row['seconds']:.0f}",
+        )
+    console = wide_console()
+    console.print(table)
+    console.print(
+        "* best. predicted: the planner's device peak for the budget's GPU. measured: "
+        + ("max_memory_allocated on the GPU" if _on_gpu() else "the trial process's peak resident memory")
+        + "; the two are not the same quantity on a CPU."
+    )
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def write_best(path: Path, text: str) -> None:
+    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def write_plots(study: optuna.Study, run_dir: Path) -> list[Path]:
+    """Write the optimisation history and a gamma-by-K map of held-out loss as PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    written = []
+    figure, axes = plt.subplots(figsize=(7, 4))
+    numbers = [t.number for t in complete]
+    values = [float(t.value) for t in complete if t.value is not None]
+    best_so_far = [min(values[: i + 1]) for i in range(len(values))]
+    axes.scatter(numbers, values, label="held-out loss of a trial", zorder=3)
+    axes.step(numbers, best_so_far, where="post", color="tab:red", label="best so far")
+    axes.set_xlabel("trial")
+    axes.set_ylabel("held-out loss (nats per token)")
+    axes.set_title(f"Study {study.study_name}")
+    axes.legend()
+    figure.tight_layout()
+    path = run_dir / HISTORY_PLOT
+    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
+    plt.close(figure)
+    written.append(path)
+
+    gammas = sorted({int(t.params["gamma"]) for t in complete})
+    intervals = sorted({int(t.params["interval"]) for t in complete})
+    grid = [[float("nan")] * len(gammas) for _ in intervals]
+    for trial in complete:
+        row, column = intervals.index(int(trial.params["interval"])), gammas.index(int(trial.params["gamma"]))
+        value = float(trial.value or 0.0)
+        if grid[row][column] != grid[row][column] or value < grid[row][column]:
+            grid[row][column] = value
+    figure, axes = plt.subplots(figsize=(1.2 * len(gammas) + 3, 0.8 * len(intervals) + 2))
+    image = axes.imshow(grid, cmap="viridis_r", aspect="auto")
+    axes.set_xticks(range(len(gammas)), [str(g) for g in gammas])
+    axes.set_yticks(range(len(intervals)), [str(k) for k in intervals])
+    axes.set_xlabel("gamma (layers trained per period)")
+    axes.set_ylabel("K (optimizer steps per period)")
+    for row, line in enumerate(grid):
+        for column, value in enumerate(line):
+            if value == value:
+                axes.text(column, row, f"{value:.3f}", ha="center", va="center", color="white", fontsize=8)
+    figure.colorbar(image, ax=axes, label="best held-out loss")
+    axes.set_title("Held-out loss by gamma and K")
+    figure.tight_layout()
+    path = run_dir / MAP_PLOT
+    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
+    plt.close(figure)
+    written.append(path)
+    return written

@@ -1,0 +1,489 @@
+"""The tuner on tiny models on the CPU: real Optuna studies in SQLite (and PostgreSQL when installed), trials in
+child processes, the memory filter, out-of-memory isolation, resume after SIGKILL, and bad input.
+
+Every trial is a real training process of the bundled trainer. Nothing is mocked: the GPU is not needed because the
+memory filter works from the planner's prediction for the budget, and an out-of-memory failure is produced on the CPU
+by capping the trial process's address space (--trial-memory-limit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+import transformers
+from optuna.trial import TrialState
+from records import write_records
+
+from lisa_tune.cli import main
+from lisa_tune.errors import InputError
+from lisa_tune.train.config import read_plan
+from lisa_tune.tune.space import LearningRate, build_space, parse_int_list
+from lisa_tune.tune.tuner import CONSTRAINT, MetricsReader
+from lisa_tune.tune.worker import requested_bytes
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca-libre"
+requires_data = pytest.mark.skipif(
+    not DATA_DIR.is_dir(), reason=f"the alpaca-libre data set is not at {DATA_DIR}, so the real-data tests skip"
+)
+CLI = [sys.executable, "-m", "lisa_tune"]
+
+
+def tune_args(data: Path, run_dir: Path, *extra: str, trials: int = 2) -> list[str]:
+    return [
+        "tune",
+        "--model",
+        "tiny-llama",
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        "--trials",
+        str(trials),
+        "--seq",
+        "64",
+        "--batch",
+        "2",
+        "--threads",
+        "1",
+        *extra,
+    ]
+
+
+def load_study(run_dir: Path) -> optuna.Study:
+    return optuna.load_study(study_name=run_dir.name, storage=f"sqlite:///{run_dir / 'study.db'}")
+
+
+def counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials() if t.user_attrs.get("counted")]
+
+
+# Parsing --------------------------------------------------------------------------------------------------------
+
+
+def test_integer_lists_and_ranges() -> None:
+    assert parse_int_list("1,2,4", "--gamma", 1, 8) == [1, 2, 4]
+    assert parse_int_list("2-4,8", "--gamma", 1, 8) == [2, 3, 4, 8]
+    with pytest.raises(InputError, match="9 outside 1 to 8"):
+        parse_int_list("1,9", "--gamma", 1, 8)
+    with pytest.raises(InputError, match="empty"):
+        parse_int_list("4-2", "--gamma", 1, 8)
+    with pytest.raises(InputError, match="integers"):
+        parse_int_list("two", "--gamma", 1, 8)
+
+
+def test_learning_rate_fixed_or_range() -> None:
+    assert not LearningRate.parse("3e-4").searched
+    assert LearningRate.parse("1e-5:1e-3") == LearningRate(1e-5, 1e-3)
+    for bad in ("0", "1e-3:1e-5", "fast", "1:2:3"):
+        with pytest.raises(InputError):
+            LearningRate.parse(bad)
+
+
+def test_micro_batches_must_divide_the_batch() -> None:
+    space = build_space(4, None, None, "1,2,4", 8, "3e-4")
+    assert space.gammas == [1, 2, 4] and space.intervals == [5, 10, 20] and space.grid_size() == 27
+    with pytest.raises(InputError, match="does not divide --batch 6"):
+        build_space(4, None, None, "4", 6, "3e-4")
+
+
+def test_out_of_memory_request_sizes() -> None:
+    cpu = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 11272192 bytes. Error code 12"
+    cuda = "CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of 23.55 GiB"
+    assert requested_bytes(cpu) == 11272192
+    assert requested_bytes(cuda) == int(2.5 * 2**30)
+    assert requested_bytes("something else") is None
+
+
+def test_metrics_reader_waits_for_whole_lines(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    reader = MetricsReader(path)
+    assert reader.new_evaluations() == []
+    path.write_text('{"event": "eval", "step": 0, "tokens": 0, "eval_loss": 9.0}\n{"event": "ev', encoding="utf-8")
+    assert [r["step"] for r in reader.new_evaluations()] == [0]
+    with path.open("a", encoding="utf-8") as stream:
+        stream.write('al", "step": 2, "tokens": 64, "eval_loss": 8.0}\n{"event": "log", "step": 2}\n')
+    assert [r["step"] for r in reader.new_evaluations()] == [2]
+
+
+# Studies ----------------------------------------------------------------------------------------------------------
+
+
+def test_configuration_predicted_not_to_fit_is_infeasible_and_never_runs(tmp_path: Path) -> None:
+    # At 0.6 GB, micro-batch 1 is predicted to fit and micro-batch 64 is not. The planner's recommendation (the
+    # largest micro-batch) is queued first, so trial 0 is the one that does not fit.
+    data = write_records(tmp_path / "data.jsonl")
+    run_dir = tmp_path / "study"
+    args = tune_args(
+        data,
+        run_dir,
+        "--gpu",
+        "0.6GB",
+        "--margin",
+        "0",
+        "--gamma",
+        "1",
+        "--interval",
+        "1",
+        "--micro-batch",
+        "1,64",
+        "--batch",
+        "64",
+        "--pruner",
+        "none",
+        trials=1,
+    )
+    assert main(args) == 0
+    study = load_study(run_dir)
+    first = study.trials[0]
+    assert first.params["micro_batch_size"] == 64
+    assert first.state == TrialState.PRUNED
+    assert first.constraints[CONSTRAINT] > 0
+    assert first.user_attrs["outcome"] == "predicted not to fit"
+    assert not (run_dir / "trials" / "0000").exists()
+    ran = counted(study)
+    assert len(ran) == 1 and ran[0].params["micro_batch_size"] == 1 and ran[0].state == TrialState.COMPLETE
+    assert ran[0].constraints[CONSTRAINT] == 0
+    assert read_plan(run_dir / "best.yaml")["micro_batch_size"] == 1
+
+
+def test_trial_out_of_memory_is_infeasible_and_the_study_goes_on(tmp_path: Path) -> None:
+    data = write_records(tmp_path / "data.jsonl")
+    # The cap is measured, not guessed: a first study runs micro-batch 1 and records the trial's address-space peak.
+    probe = tmp_path / "probe"
+    assert (
+        main(
+            tune_args(
+                data, probe, "--gpu", "24GB", "--gamma", "1", "--interval", "1", "--batch", "1", "--seq", "64", trials=1
+            )
+        )
+        == 0
+    )
+    peak = counted(load_study(probe))[0].user_attrs["virtual_memory_peak_bytes"]
+    cap = peak + 150 * 2**20
+    # Micro-batch 64 at 64 tokens needs several hundred MB more than micro-batch 1: its logits alone are 64 MiB.
+    run_dir = tmp_path / "capped"
+    args = tune_args(
+        data,
+        run_dir,
+        "--gpu",
+        "24GB",
+        "--gamma",
+        "1",
+        "--interval",
+        "1",
+        "--micro-batch",
+        "1,64",
+        "--batch",
+        "64",
+        "--seq",
+        "64",
+        "--trial-memory-limit",
+        f"{cap}B",
+        "--pruner",
+        "none",
+        trials=2,
+    )
+    assert main(args) == 0
+    study = load_study(run_dir)
+    trials = study.trials
+    oom = trials[0]
+    assert oom.params["micro_batch_size"] == 64
+    assert oom.user_attrs["outcome"] == "out of memory"
+    assert oom.state == TrialState.PRUNED and oom.constraints[CONSTRAINT] > 0
+    result = json.loads((run_dir / "trials" / "0000" / "result.json").read_text(encoding="utf-8"))
+    assert result["status"] == "out_of_memory" and result["requested_bytes"] > 0
+    # The study went on: micro-batch 1 completed under the same cap, and no later trial ran micro-batch 64 again.
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert complete and all(t.params["micro_batch_size"] == 1 for t in complete)
+    for later in trials[1:]:
+        if later.params["micro_batch_size"] == 64:
+            assert "ran out of memory" in later.user_attrs["outcome"]
+            assert not (run_dir / "trials" / f"{later.number:04d}" / "result.json").exists()
+
+
+def _worker_processes(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "lisa_tune.tune.worker" in command and marker in command:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process checks read Linux's /proc")
+def test_sigkill_mid_study_resumes_without_repeating_or_stuck_trials(tmp_path: Path) -> None:
+    data = write_records(tmp_path / "data.jsonl")
+    run_dir = tmp_path / "killed"
+    args = [
+        *CLI,
+        *tune_args(
+            data, run_dir, "--gpu", "24GB", "--gamma", "1,2,4", "--interval", "1,2", "--pruner", "none", trials=4
+        ),
+    ]
+    log = (tmp_path / "first.log").open("wb")
+    first = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    # Wait until one trial has finished and the next one is running, then kill the tuner with SIGKILL.
+    while time.monotonic() < deadline:
+        results = list(run_dir.glob("trials/*/result.json"))
+        specs = list(run_dir.glob("trials/*/spec.json"))
+        if results and len(specs) > len(results):
+            break
+        assert first.poll() is None, (tmp_path / "first.log").read_text()
+        time.sleep(0.1)
+    else:
+        pytest.fail("no trial finished in time")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    log.close()
+    before = {t.number: t.value for t in load_study(run_dir).trials if t.state == TrialState.COMPLETE}
+    running = [t.number for t in load_study(run_dir).trials if t.state == TrialState.RUNNING]
+    assert before and len(running) == 1
+    # The trial process dies with its tuner.
+    for _ in range(50):
+        if not _worker_processes(str(run_dir)):
+            break
+        time.sleep(0.1)
+    assert _worker_processes(str(run_dir)) == []
+
+    second = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "left running by process" in second.stderr
+    study = load_study(run_dir)
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    killed = study.trials[running[0]]
+    assert killed.state == TrialState.FAIL
+    for number, value in before.items():
+        assert study.trials[number].value == value
+    assert len(counted(study)) == 4
+    retried = [t for t in study.trials if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retried) == 1 and retried[0].params == killed.params
+    # Finished configurations were not run again: each trial folder with a result belongs to one counted trial.
+    assert len(list(run_dir.glob("trials/*/result.json"))) == len(
+        [t for t in counted(study) if "repeat_of" not in t.user_attrs]
+    )
+
+
+@pytest.mark.slow
+@requires_data
+def test_study_on_alpaca_data_picks_a_winner_and_launches_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Eight trials over gamma, K and the micro-batch on the real data; the pruner may stop some early.
+    run_dir = tmp_path / "alpaca"
+    args = tune_args(
+        DATA_DIR / "tasks_v1.jsonl",
+        run_dir,
+        "--gpu",
+        "24GB",
+        "--gamma",
+        "1,2,4",
+        "--interval",
+        "1,2",
+        "--micro-batch",
+        "1,2",
+        "--launch",
+        "--launch-steps",
+        "4",
+        trials=8,
+    )
+    assert main(args) == 0
+    study = load_study(run_dir)
+    ran = counted(study)
+    assert len(ran) == 8
+    complete = [t for t in ran if t.state == TrialState.COMPLETE]
+    best = min(complete, key=lambda t: t.value or 0.0)
+    plan = read_plan(run_dir / "best.yaml")
+    assert (plan["gamma"], plan["interval"]) == (best.params["gamma"], best.params["interval"])
+    for trial in complete:
+        # Same data, same number of tokens: every trial saw the same 6 steps x 2 sequences x 64 tokens.
+        assert trial.user_attrs["tokens"] == 6 * 2 * 64
+        assert trial.user_attrs["tokens_per_second"] > 0
+        assert trial.user_attrs["predicted_peak_bytes"] > 0 and trial.user_attrs["measured_peak_bytes"] > 0
+    for name in ("history.png", "gamma_k.png"):
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    output = capsys.readouterr()
+    assert "Trials of study alpaca" in output.out
+    assert "held-out loss" in output.err and "best" in output.err
+    # The launched run trains the winner and saves a model that transformers loads.
+    model = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "train" / "final")
+    assert model.config.num_hidden_layers == 4
+    metrics = (run_dir / "train" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert json.loads(metrics[-1])["step"] == 4
+
+
+def test_rerun_with_the_same_settings_adds_no_trials(tmp_path: Path) -> None:
+    data = write_records(tmp_path / "data.jsonl")
+    run_dir = tmp_path / "again"
+    args = tune_args(data, run_dir, "--gpu", "24GB", "--gamma", "1", "--interval", "1", trials=1)
+    assert main(args) == 0
+    trials = load_study(run_dir).trials
+    assert main(args) == 0
+    assert [t.number for t in load_study(run_dir).trials] == [t.number for t in trials]
+
+
+# Bad input ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    return write_records(tmp_path / "data.jsonl", count=40)
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "message"),
+    [
+        (["--trials", "0"], 2, "invalid --trials 0"),
+        (["--gpu", "0.3GB"], 1, "nothing fits 0.3GB"),
+        (["--gpu", "0.6GB", "--margin", "0", "--micro-batch", "64", "--batch", "64"], 2, "empty after the memory"),
+        (["--interval", "4", "--trial-steps", "6"], 2, "fewer than 3 periods of the largest K"),
+        (["--gamma", "0"], 2, "0 outside 1 to 4"),
+        (["--learning-rate", "1e-3:1e-5"], 2, "range is empty"),
+        (["--trial-memory-limit", "lots"], 2, "--trial-memory-limit"),
+        (["--micro-batch", "1", "--batch", "64"], 2, "fewer than one optimizer step of --batch 64"),
+    ],
+)
+def test_bad_input_stops_before_any_trial(
+    tmp_path: Path, data_file: Path, capsys: pytest.CaptureFixture[str], extra: list[str], status: int, message: str
+) -> None:
+    run_dir = tmp_path / "bad"
+    args = tune_args(data_file, run_dir, "--gpu", "24GB", "--interval", "1")
+    # A later option wins in click, so each case's own values replace the defaults above.
+    assert main([*args, *extra]) == status
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert "Traceback" not in captured.err
+    assert not (run_dir / "trials").exists()
+
+
+def test_run_dir_of_another_data_set_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "shared-dir"
+    first = write_records(tmp_path / "first.jsonl", count=60)
+    assert main(tune_args(first, run_dir, "--gpu", "24GB", "--gamma", "1", "--interval", "1", trials=1)) == 0
+    capsys.readouterr()
+    other = write_records(tmp_path / "other.jsonl", count=70)
+    assert main(tune_args(other, run_dir, "--gpu", "24GB", "--gamma", "1", "--interval", "1", trials=1)) == 2
+    error = capsys.readouterr().err
+    assert "was made for other settings" in error and "data_sha256" in error
+    assert len(load_study(run_dir).trials) == 1
+
+
+def test_unreachable_storage_hides_the_password(
+    tmp_path: Path, data_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Nothing listens on the port just released, so the connection is refused at once.
+    url = f"postgresql://tuner:hunter2secret@127.0.0.1:{port}/optuna"
+    args = tune_args(data_file, tmp_path / "remote", "--gpu", "24GB", "--interval", "1", "--storage", url)
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "cannot open the study storage postgresql://tuner:***@127.0.0.1" in error
+    assert "hunter2secret" not in error
+    assert "Traceback" not in error
+
+
+# PostgreSQL ------------------------------------------------------------------------------------------------------
+
+
+def _postgres_binaries() -> Path | None:
+    for candidate in [shutil.which("initdb"), *sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))]:
+        if candidate:
+            return Path(candidate).parent
+    return None
+
+
+@pytest.fixture
+def postgres() -> Iterator[str]:
+    """Start a throwaway PostgreSQL server on 127.0.0.1 and yield its URL; skip when that cannot be done here."""
+    pytest.importorskip("psycopg", reason="psycopg (the PostgreSQL driver SQLAlchemy uses) is not installed")
+    binaries = _postgres_binaries()
+    if binaries is None:
+        pytest.skip("PostgreSQL is not installed (no initdb on PATH or in /usr/lib/postgresql)")
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        # The server refuses to run as root; run it as the postgres account when there is one.
+        if shutil.which("runuser") is None or subprocess.run(["id", "postgres"], capture_output=True).returncode:
+            pytest.skip("running as root without a postgres account to start the server with")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    # pytest's temporary folders are private to their owner, and the server runs as another user.
+    base = Path(tempfile.mkdtemp(prefix="lisa-tune-postgres-"))
+    base.chmod(0o777)
+    data_dir = base / "data"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={base}"
+    steps = [
+        [str(binaries / "initdb"), "-D", str(data_dir), "-U", "tuner", "--auth=trust"],
+        [str(binaries / "pg_ctl"), "-D", str(data_dir), "-o", options, "-w", "-l", str(base / "server.log"), "start"],
+    ]
+    try:
+        for step in steps:
+            done = subprocess.run([*prefix, *step], capture_output=True, text=True)
+            if done.returncode:
+                pytest.skip(f"could not start a PostgreSQL server: {Path(step[0]).name} said {done.stderr.strip()!r}")
+        # initdb creates the database "postgres"; the study's tables go there.
+        yield f"postgresql://tuner@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            [*prefix, str(binaries / "pg_ctl"), "-D", str(data_dir), "-m", "immediate", "stop"], capture_output=True
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_study_in_postgresql(tmp_path: Path, postgres: str) -> None:
+    data = write_records(tmp_path / "data.jsonl")
+    common = [
+        "--gpu",
+        "24GB",
+        "--gamma",
+        "1,2,4",
+        "--interval",
+        "1,2",
+        "--storage",
+        postgres,
+        "--study-name",
+        "shared",
+        "--pruner",
+        "none",
+    ]
+    workers = [
+        subprocess.Popen(
+            [*CLI, *tune_args(data, tmp_path / f"machine{i}", *common, trials=4)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for worker in workers:
+        _out, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err
+    study = optuna.load_study(study_name="shared", storage=postgres)
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    ran = counted(study)
+    # Each worker stops once the study has 4 counted trials; one started just before that may finish too.
+    assert 4 <= len(ran) <= 5
+    assert len({t.user_attrs["worker"]["pid"] for t in ran}) == 2
