@@ -78,6 +78,64 @@ def test_fit_matches_full_trace(
     assert abs(predicted - traced) / traced <= TOLERANCE
 
 
+# (model, precision, checkpointing, gamma, micro-batch, sequence) of steps with gradient accumulation.
+ACCUMULATION_SAMPLE = [
+    ("tiny-llama", "fp32", False, 1, 4, 48),
+    ("tiny-llama", "bf16", True, 2, 3, 384),
+    ("tiny-qwen2", "amp-bf16", False, 1, 2, 256),
+]
+
+
+@pytest.mark.parametrize(("model", "precision", "checkpointing", "gamma", "batch", "sequence"), ACCUMULATION_SAMPLE)
+def test_accumulating_fit_matches_trace(
+    model: str, precision: str, checkpointing: bool, gamma: int, batch: int, sequence: int
+) -> None:
+    config = resolve_model(model).config
+    fit = fit_memory(config, model, precision=precision, gradient_checkpointing=checkpointing, accumulating=True)
+    single = fit_memory(config, model, precision=precision, gradient_checkpointing=checkpointing)
+    predicted = fit.tensor_peak_bytes(gamma, batch, sequence)
+    for steps in (2, 4):
+        traced = simulate(
+            SimulationConfig(
+                model_config=config,
+                gamma=gamma,
+                micro_batch_size=batch,
+                sequence_length=sequence,
+                precision=Precision(precision),
+                gradient_checkpointing=checkpointing,
+                gradient_accumulation_steps=steps,
+            )
+        ).tensor_peak_bytes
+        assert abs(predicted - traced) / traced <= TOLERANCE, steps
+    # The earlier micro-batches' gradients stay alive, so the step peaks higher than one micro-batch alone.
+    assert predicted > single.tensor_peak_bytes(gamma, batch, sequence)
+
+
+def test_plan_with_accumulation_uses_accumulating_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LISA_TUNE_CACHE_DIR", str(tmp_path))
+    plan, fits = make_plan(
+        PlanOptions(gpu="24GB", model="tiny-llama", sequences="256", gamma=2, effective_batch=8, precisions=("fp32",))
+    )
+    assert plan.recommended is not None
+    for row in plan.rows:
+        traced = simulate(
+            SimulationConfig(
+                model_config=resolve_model("tiny-llama").config,
+                gamma=row.gamma,
+                micro_batch_size=row.micro_batch_size,
+                sequence_length=row.sequence_length,
+                precision=Precision(row.precision),
+                gradient_checkpointing=row.gradient_checkpointing,
+                gradient_accumulation_steps=row.accumulation_steps,
+            )
+        ).tensor_peak_bytes
+        assert abs(row.tensor_peak_bytes - traced) / traced <= TOLERANCE, row
+    single = fits("fp32", False, False)
+    accumulating = fits("fp32", False, True)
+    assert accumulating.accumulating and not single.accumulating
+    assert accumulating.tensor_peak_bytes(2, 1, 256) > single.tensor_peak_bytes(2, 1, 256)
+
+
 def test_plan_rows_match_simulator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every configuration a real plan reports, sampled, against the simulator's own full estimate.
     monkeypatch.setenv("LISA_TUNE_CACHE_DIR", str(tmp_path))

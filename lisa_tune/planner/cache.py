@@ -59,7 +59,12 @@ def cache_dir() -> Path:
 
 
 def fit_key(
-    model_config: dict[str, Any], precision: str, gradient_checkpointing: bool, attention: str, adamw: str
+    model_config: dict[str, Any],
+    precision: str,
+    gradient_checkpointing: bool,
+    attention: str,
+    adamw: str,
+    accumulating: bool = False,
 ) -> str:
     """Return the cache key of a fit."""
     payload = json.dumps(
@@ -70,6 +75,7 @@ def fit_key(
             "gradient_checkpointing": gradient_checkpointing,
             "attention": attention,
             "adamw": adamw,
+            "accumulating": accumulating,
             "versions": library_versions(),
         },
         sort_keys=True,

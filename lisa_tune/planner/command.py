@@ -22,6 +22,7 @@ from lisa_tune.planner.search import (
     SearchSpace,
     longest_fitting_sequence,
     search,
+    step_fit,
     usable_bytes,
 )
 from lisa_tune.profiles import GpuProfile, find_gpu_profile, load_gpu_profiles, resolve_model
@@ -140,23 +141,24 @@ class FitCache:
         self.model_name = model_name
         self.attention = attention
         self.adamw = adamw
-        self._fits: dict[tuple[str, bool], MemoryFit] = {}
+        self._fits: dict[tuple[str, bool, bool], MemoryFit] = {}
         self.traced = 0
 
-    def __call__(self, precision: str, checkpointing: bool) -> MemoryFit:
-        fit = self._fits.get((precision, checkpointing))
+    def __call__(self, precision: str, checkpointing: bool, accumulating: bool = False) -> MemoryFit:
+        fit = self._fits.get((precision, checkpointing, accumulating))
         if fit is not None:
             return fit
-        key = fit_key(self.model_config, precision, checkpointing, self.attention, self.adamw)
+        key = fit_key(self.model_config, precision, checkpointing, self.attention, self.adamw, accumulating)
         fit = load_fit(key)
         if fit is None:
             from lisa_tune.planner.fit import fit_memory
 
             logger.info(
-                "tracing %s (%s, checkpointing %s) on the meta device; the result is cached",
+                "tracing %s (%s, checkpointing %s%s) on the meta device; the result is cached",
                 self.model_name,
                 precision,
                 "on" if checkpointing else "off",
+                ", gradient accumulation" if accumulating else "",
             )
             fit = fit_memory(
                 self.model_config,
@@ -165,10 +167,11 @@ class FitCache:
                 gradient_checkpointing=checkpointing,
                 attention=self.attention,
                 adamw=self.adamw,
+                accumulating=accumulating,
             )
             store_fit(fit)
             self.traced += 1
-        self._fits[(precision, checkpointing)] = fit
+        self._fits[(precision, checkpointing, accumulating)] = fit
         return fit
 
 
@@ -275,7 +278,7 @@ def _longest_sequence(
     best = 0
     for precision in precisions:
         for checkpoint in checkpointing:
-            fit = fits(precision, checkpoint)
+            fit = step_fit(fits, precision, checkpoint, batches[0], options.effective_batch)
             longest = longest_fitting_sequence(fit, budget, usable, gamma, batches[0], limit)
             best = max(best, longest or 0)
     # With nothing fitting, plan a one-token sequence so the search reports what the smallest run needs.
@@ -297,7 +300,7 @@ def write_outputs(plan: Plan, fits: FitCache, options: PlanOptions, output: Path
     if plot is not None:
         chosen = plan.recommended
         assert chosen is not None
-        write_plot(plan, fits(chosen.precision, chosen.gradient_checkpointing), plot)
+        write_plot(plan, fits(chosen.precision, chosen.gradient_checkpointing, chosen.accumulation_steps > 1), plot)
         logger.info("wrote the memory plot to %s", plot)
 
 

@@ -104,8 +104,13 @@ def fit_memory(
     gradient_checkpointing: bool,
     attention: str = "sdpa",
     adamw: str = "foreach",
+    accumulating: bool = False,
 ) -> MemoryFit:
-    """Trace the reduced models and return the fitted memory model of the full one."""
+    """Trace the reduced models and return the fitted memory model of the full one.
+
+    ``accumulating`` traces steps of two micro-batches, whose peak is that of any step with gradient accumulation:
+    from the second micro-batch on, the same gradients are alive, so more micro-batches add nothing.
+    """
     num_layers = layer_count(model_config)
     if num_layers is None:
         raise FitError(f"the config of model {model_name} states no layer count")
@@ -130,6 +135,7 @@ def fit_memory(
                     gradient_checkpointing=gradient_checkpointing,
                     attention=attention,
                     adamw=AdamWImplementation(adamw),
+                    gradient_accumulation_steps=2 if accumulating else 1,
                 ),
                 keep_trace=True,
                 steady_state_only=True,
@@ -165,7 +171,7 @@ def fit_memory(
         )
     sizes = _model_sizes(model_config, precision, attention)
     return MemoryFit(
-        key=fit_key(model_config, precision, gradient_checkpointing, attention, adamw),
+        key=fit_key(model_config, precision, gradient_checkpointing, attention, adamw, accumulating),
         model_name=model_name,
         num_layers=num_layers,
         precision=precision,
@@ -174,6 +180,7 @@ def fit_memory(
         adamw=adamw,
         phases=phases_out,
         versions=library_versions(),
+        accumulating=accumulating,
         **sizes,
     )
 

@@ -67,6 +67,9 @@ class MemoryFit:
     max_positions: int | None
     phases: dict[str, PhaseLines] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    accumulating: bool = False
+    """Fitted from steps of two micro-batches: it predicts any step with gradient accumulation, where the second
+    and later micro-batches run forward and backward with the earlier ones' gradients alive."""
     _arrays: dict[str, list[list[tuple[float, float, float]]]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )

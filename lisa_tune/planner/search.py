@@ -14,8 +14,8 @@ DEFAULT_GAMMA = 2
 """The gamma the LISA paper uses for its main results; the plan recommends it unless --gamma sets another."""
 MAX_SEQUENCE = 131072
 
-FitProvider = Callable[[str, bool], MemoryFit]
-"""Return the memory fit for a precision and a checkpointing choice."""
+FitProvider = Callable[[str, bool, bool], MemoryFit]
+"""Return the memory fit for a precision, a checkpointing choice, and whether steps accumulate gradients."""
 
 
 @dataclass(frozen=True)
@@ -95,13 +95,11 @@ class SearchSpace:
 def predict(
     fit: MemoryFit, budget: Budget, gamma: int, micro_batch: int, sequence: int, effective_batch: int | None
 ) -> Candidate:
-    """Predict memory and speed of one configuration."""
-    # NOTE: the fit traces one micro-batch per optimizer step. With accumulation, the gradients of the first
-    # micro-batch stay alive through the next ones' forward and backward, so the real peak is higher: 10% to 21%
-    # on tiny-llama on the CPU with 2 micro-batches of 4 x 48 tokens. SimulationConfig.gradient_accumulation_steps
-    # traces this.
+    """Predict memory and speed of one configuration; ``fit`` must be the one ``step_fit`` returns for it."""
+    accumulation = accumulation_steps(micro_batch, effective_batch)
+    if fit.accumulating != (accumulation > 1):
+        raise ValueError(f"a fit with accumulating={fit.accumulating} cannot predict {accumulation} micro-batches")
     tensor = fit.tensor_peak_bytes(gamma, micro_batch, sequence)
-    accumulation = effective_batch // micro_batch if effective_batch else 1
     speed = estimate_speed(
         fit, budget.gpu, gamma=gamma, micro_batch_size=micro_batch, accumulation_steps=accumulation, sequence=sequence
     )
@@ -118,15 +116,44 @@ def predict(
     )
 
 
+def accumulation_steps(micro_batch: int, effective_batch: int | None) -> int:
+    """Return the micro-batches per optimizer step."""
+    return effective_batch // micro_batch if effective_batch else 1
+
+
+def step_fit(
+    fits: FitProvider, precision: str, checkpointing: bool, micro_batch: int, effective_batch: int | None
+) -> MemoryFit:
+    """Return the fit that predicts a step of ``micro_batch`` sequences: with accumulation, the accumulating one.
+
+    From the second micro-batch of a step on, forward and backward run with the gradients of the earlier ones
+    alive, so a step with accumulation peaks higher than one micro-batch alone.
+    """
+    return fits(precision, checkpointing, accumulation_steps(micro_batch, effective_batch) > 1)
+
+
 def _device_bytes(fit: MemoryFit, budget: Budget, gamma: int, batch: int, sequence: int) -> int:
     return fit.tensor_peak_bytes(gamma, batch, sequence) + budget.cublas_bytes + budget.context_bytes
 
 
-def _fits_with(fit: MemoryFit, budget: Budget, usable: int, gamma: int, sequence: int) -> Callable[[int], bool]:
-    def fits(batch: int) -> bool:
+def _largest_micro_batch(
+    fits: FitProvider,
+    budget: Budget,
+    usable: int,
+    combo: tuple[str, bool],
+    gamma: int,
+    sequence: int,
+    space: SearchSpace,
+) -> int | None:
+    def fitting(batch: int) -> bool:
+        fit = step_fit(fits, *combo, batch, space.effective_batch)
         return _device_bytes(fit, budget, gamma, batch, sequence) <= usable
 
-    return fits
+    if space.effective_batch:
+        # Memory is not monotonic in the micro-batch here: the largest one needs no accumulation, so the few
+        # divisors of the effective batch are all checked.
+        return max((batch for batch in space.micro_batches if fitting(batch)), default=None)
+    return largest_fitting(space.micro_batches, fitting)
 
 
 def usable_bytes(budget: Budget, margin: float) -> int:
@@ -176,10 +203,10 @@ def search(
         for gamma in space.gammas:
             best: Candidate | None = None
             for precision, checkpointing in combos:
-                fit = fits(precision, checkpointing)
-                batch = largest_fitting(space.micro_batches, _fits_with(fit, budget, usable, gamma, sequence))
+                batch = _largest_micro_batch(fits, budget, usable, (precision, checkpointing), gamma, sequence, space)
                 if batch is None:
                     continue
+                fit = step_fit(fits, precision, checkpointing, batch, space.effective_batch)
                 candidate = predict(fit, budget, gamma, batch, sequence, space.effective_batch)
                 if best is None or _preference(candidate) > _preference(best):
                     best = candidate
@@ -208,10 +235,12 @@ def _nearest_rejections(
     chosen: Candidate,
 ) -> list[Rejection]:
     rejections: list[Rejection] = []
-    fit = fits(chosen.precision, chosen.gradient_checkpointing)
+    combo = (chosen.precision, chosen.gradient_checkpointing)
+    fit = step_fit(fits, *combo, chosen.micro_batch_size, space.effective_batch)
     larger = [b for b in space.micro_batches if b > chosen.micro_batch_size]
     if larger:
-        candidate = predict(fit, budget, chosen.gamma, larger[0], chosen.sequence_length, space.effective_batch)
+        larger_fit = step_fit(fits, *combo, larger[0], space.effective_batch)
+        candidate = predict(larger_fit, budget, chosen.gamma, larger[0], chosen.sequence_length, space.effective_batch)
         rejections.append(Rejection(candidate, f"micro-batch {larger[0]} exceeds the usable memory"))
     higher = [g for g in space.gammas if g > chosen.gamma]
     if higher:
@@ -223,7 +252,7 @@ def _nearest_rejections(
     for precision, checkpointing in combos:
         if (precision, checkpointing) == (chosen.precision, chosen.gradient_checkpointing):
             continue
-        other = fits(precision, checkpointing)
+        other = step_fit(fits, precision, checkpointing, space.micro_batches[0], space.effective_batch)
         smallest = predict(
             other, budget, chosen.gamma, space.micro_batches[0], chosen.sequence_length, space.effective_batch
         )
@@ -242,7 +271,10 @@ def _what_would_fit(
     gamma = min(space.gammas)
     batch = space.micro_batches[0]
     sequence = min(space.sequences)
-    needs = {combo: _device_bytes(fits(*combo), budget, gamma, batch, sequence) for combo in combos}
+    needs = {
+        combo: _device_bytes(step_fit(fits, *combo, batch, space.effective_batch), budget, gamma, batch, sequence)
+        for combo in combos
+    }
     cheapest = min(needs, key=lambda combo: needs[combo])
     advice.append(
         f"the smallest configuration searched (gamma {gamma}, micro-batch {batch}, sequence {sequence}, "
@@ -250,7 +282,7 @@ def _what_would_fit(
         f"of device memory; {usable / 1e9:.2f} GB is usable"
     )
 
-    fit = fits(*cheapest)
+    fit = step_fit(fits, *cheapest, batch, space.effective_batch)
     longest = longest_fitting_sequence(fit, budget, usable, gamma, batch, fit.max_positions)
     if longest is not None:
         advice.append(f"a sequence length of {longest} tokens fits at gamma {gamma}, micro-batch {batch}")
@@ -259,7 +291,8 @@ def _what_would_fit(
     for precision, checkpointing in savings:
         if (precision, checkpointing) in combos:
             continue
-        need = _device_bytes(fits(precision, checkpointing), budget, gamma, batch, sequence)
+        other = step_fit(fits, precision, checkpointing, batch, space.effective_batch)
+        need = _device_bytes(other, budget, gamma, batch, sequence)
         if need <= usable:
             advice.append(
                 f"--precision {precision} {'--grad-ckpt' if checkpointing else '--no-grad-ckpt'} fits "
