@@ -29,8 +29,9 @@ from records import write_records
 from lisa_tune.cli import main
 from lisa_tune.errors import InputError
 from lisa_tune.train.config import read_plan
+from lisa_tune.tune.command import TuneOptions, build_settings
 from lisa_tune.tune.space import LearningRate, build_space, parse_int_list
-from lisa_tune.tune.tuner import CONSTRAINT, MetricsReader
+from lisa_tune.tune.tuner import CONSTRAINT, DistinctMedianPruner, MetricsReader, Tuner, make_sampler
 from lisa_tune.tune.worker import requested_bytes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -119,14 +120,76 @@ def test_metrics_reader_waits_for_whole_lines(tmp_path: Path) -> None:
     assert [r["step"] for r in reader.new_evaluations()] == [2]
 
 
+def test_pruner_judges_second_half_against_distinct_trials() -> None:
+    study = optuna.create_study()
+    for value in (1.0, 2.0, 3.0):
+        study.add_trial(optuna.trial.create_trial(value=value, intermediate_values={40: value, 100: value}))
+    pruner = DistinctMedianPruner(warmup_tokens=50)
+
+    def running(loss_at_40: float, loss_at_100: float | None = None) -> optuna.trial.FrozenTrial:
+        values = {40: loss_at_40} if loss_at_100 is None else {40: loss_at_40, 100: loss_at_100}
+        return optuna.trial.create_trial(state=TrialState.PRUNED, intermediate_values=values)
+
+    # The median of 1, 2 and 3 is 2: above it is pruned in the second half, never in the first.
+    assert pruner.prune(study, running(9.0, 2.5))
+    assert not pruner.prune(study, running(9.0, 1.5))
+    assert not pruner.prune(study, running(9.0))
+    # A repeat of the best configuration does not move the median.
+    repeat = optuna.trial.create_trial(value=1.0, intermediate_values={100: 1.0}, user_attrs={"repeat_of": 0})
+    study.add_trial(repeat)
+    study.add_trial(repeat)
+    assert not pruner.prune(study, running(9.0, 1.9))
+    # Fewer than three other configurations at that point: no judgement.
+    few = optuna.create_study()
+    few.add_trial(optuna.trial.create_trial(value=1.0, intermediate_values={100: 1.0}))
+    assert not DistinctMedianPruner(warmup_tokens=50).prune(few, running(9.0, 5.0))
+
+
 # Studies ----------------------------------------------------------------------------------------------------------
 
 
 def test_configuration_predicted_not_to_fit_is_infeasible_and_never_runs(tmp_path: Path) -> None:
-    # At 0.6 GB, micro-batch 1 is predicted to fit and micro-batch 64 is not. The planner's recommendation (the
-    # largest micro-batch) is queued first, so trial 0 is the one that does not fit.
-    data = write_records(tmp_path / "data.jsonl")
+    # At 0.6 GB, micro-batch 1 is predicted to fit and micro-batch 64 is not. The study's first trial is micro-batch
+    # 64, queued as a sampler might suggest it.
     run_dir = tmp_path / "study"
+    run_dir.mkdir()
+    options = TuneOptions(
+        data=write_records(tmp_path / "data.jsonl"),
+        run_dir=run_dir,
+        trials=1,
+        gpu="0.6GB",
+        model="tiny-llama",
+        gammas="1",
+        intervals="1",
+        micro_batches="1,64",
+        batch=64,
+        margin=0.0,
+        sequence_length=64,
+        pruner="none",
+        threads=1,
+    )
+    settings = build_settings(options)
+    study = optuna.create_study(
+        storage=f"sqlite:///{run_dir / 'study.db'}", study_name="study", sampler=make_sampler(0, 1)
+    )
+    study.enqueue_trial({"gamma": 1, "interval": 1, "micro_batch_size": 64})
+    Tuner(settings, study, trials=1).run(lambda study, trial: None)
+    first = study.trials[0]
+    assert first.params["micro_batch_size"] == 64
+    assert first.state == TrialState.PRUNED
+    assert first.constraints[CONSTRAINT] > 0
+    assert first.user_attrs["outcome"] == "predicted not to fit"
+    assert not (run_dir / "trials" / "0000").exists()
+    ran = counted(study)
+    assert len(ran) == 1
+    assert ran[0].params["micro_batch_size"] == 1
+    assert ran[0].state == TrialState.COMPLETE
+    assert ran[0].constraints[CONSTRAINT] == 0
+
+
+def test_first_trial_is_the_largest_fitting_micro_batch(tmp_path: Path) -> None:
+    data = write_records(tmp_path / "data.jsonl")
+    run_dir = tmp_path / "first"
     args = tune_args(
         data,
         run_dir,
@@ -139,7 +202,7 @@ def test_configuration_predicted_not_to_fit_is_infeasible_and_never_runs(tmp_pat
         "--interval",
         "1",
         "--micro-batch",
-        "1,64",
+        "1,2,64",
         "--batch",
         "64",
         "--pruner",
@@ -147,17 +210,11 @@ def test_configuration_predicted_not_to_fit_is_infeasible_and_never_runs(tmp_pat
         trials=1,
     )
     assert main(args) == 0
-    study = load_study(run_dir)
-    first = study.trials[0]
-    assert first.params["micro_batch_size"] == 64
-    assert first.state == TrialState.PRUNED
-    assert first.constraints[CONSTRAINT] > 0
-    assert first.user_attrs["outcome"] == "predicted not to fit"
-    assert not (run_dir / "trials" / "0000").exists()
-    ran = counted(study)
-    assert len(ran) == 1 and ran[0].params["micro_batch_size"] == 1 and ran[0].state == TrialState.COMPLETE
-    assert ran[0].constraints[CONSTRAINT] == 0
-    assert read_plan(run_dir / "best.yaml")["micro_batch_size"] == 1
+    first = load_study(run_dir).trials[0]
+    assert first.user_attrs["source"] == "planner recommendation"
+    assert first.params == {"gamma": 1, "interval": 1, "micro_batch_size": 2}
+    assert first.state == TrialState.COMPLETE
+    assert read_plan(run_dir / "best.yaml")["micro_batch_size"] == 2
 
 
 def test_trial_out_of_memory_is_infeasible_and_the_study_goes_on(tmp_path: Path) -> None:
@@ -312,6 +369,9 @@ def test_study_on_alpaca_data_picks_a_winner_and_launches_it(
     assert len(ran) == 8
     complete = [t for t in ran if t.state == TrialState.COMPLETE]
     best = min(complete, key=lambda t: t.value or 0.0)
+    for pruned in (t for t in ran if t.user_attrs.get("outcome") == "pruned"):
+        # The pruner judges only the second half of the 768 training tokens.
+        assert pruned.user_attrs["pruned_at_tokens"] >= 384
     plan = read_plan(run_dir / "best.yaml")
     assert (plan["gamma"], plan["interval"]) == (best.params["gamma"], best.params["interval"])
     for trial in complete:

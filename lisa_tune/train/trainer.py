@@ -326,7 +326,8 @@ class LisaTrainer:
         # NOTE: in a data-parallel run rank 0 evaluates alone while the other processes wait in the next step's
         # all-reduce. An evaluation longer than the process group's timeout (torch's default: 10 min for NCCL, 30 min
         # for gloo) fails the run.
-        if self.step == 0 and self.parallel.is_main:
+        # A tuner trial skips the held-out loss of the initial weights, which is the same in every trial.
+        if self.step == 0 and self.parallel.is_main and not config.trial:
             self._evaluate()
         window_start, window_tokens = time.perf_counter(), 0
         progress = tqdm(

@@ -18,6 +18,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from lisa_tune.errors import InputError
 from lisa_tune.model_config import layer_count
 from lisa_tune.planner.command import parse_budget
+from lisa_tune.planner.search import DEFAULT_GAMMA
 from lisa_tune.profiles import resolve_model
 from lisa_tune.train.config import read_plan
 from lisa_tune.tune import storage as storage_module
@@ -111,7 +112,9 @@ def build_settings(options: TuneOptions) -> StudySettings:
     if not 0 <= options.margin < 1:
         raise InputError(f"invalid --margin {options.margin}: pass a fraction of the budget from 0 to below 1.")
     if not options.data.is_file():
-        raise InputError(f"--data {options.data} not found or not a file. Pass a JSON or JSONL file of training records.")
+        raise InputError(
+            f"--data {options.data} not found or not a file. Pass a JSON or JSONL file of training records."
+        )
     plan = read_plan(options.plan_file) if options.plan_file is not None else {}
     model = options.model or plan.get("model")
     if model is None:
@@ -146,7 +149,6 @@ def build_settings(options: TuneOptions) -> StudySettings:
     sequence = options.sequence_length or int(plan.get("sequence_length", 256))
     if sequence < 1:
         raise InputError(f"invalid --seq {sequence}: a sequence length must be at least 1 token.")
-    recommended = _recommendation(space, plan)
     return StudySettings(
         model=model,
         data=options.data.resolve(),
@@ -172,21 +174,26 @@ def build_settings(options: TuneOptions) -> StudySettings:
         margin=options.margin,
         trial_memory_limit=memory_limit,
         threads=options.threads,
-        recommended=recommended,
+        plan=plan,
     )
 
 
-def _recommendation(space: TuneSpace, plan: dict[str, Any]) -> dict[str, Any]:
-    """Return the first trial: the plan's gamma and K where the space has them, else gamma 2 and the middle K."""
+def recommendation(space: TuneSpace, plan: dict[str, Any], fitting: list[tuple[int, int]]) -> dict[str, Any]:
+    """Return the first trial, chosen as the planner chooses among the (gamma, micro-batch) pairs that fit.
 
-    def closest(values: list[int], target: int) -> int:
-        return min(values, key=lambda v: (abs(v - target), v))
-
-    return {
-        "gamma": closest(space.gammas, int(plan.get("gamma", 2))),
-        "interval": closest(space.intervals, int(plan.get("interval", space.intervals[len(space.intervals) // 2]))),
-        "micro_batch_size": closest(space.micro_batches, int(plan.get("micro_batch_size", max(space.micro_batches)))),
-    }
+    That is the plan's gamma (2 without a plan) or the largest smaller one that fits, else the smallest that fits, at
+    the plan's micro-batch when it fits, else the largest that fits; K is the plan's, else the middle of the space.
+    """
+    target = int(plan.get("gamma", DEFAULT_GAMMA))
+    gammas = sorted({gamma for gamma, _ in fitting})
+    below = [gamma for gamma in gammas if gamma <= target]
+    gamma = max(below) if below else gammas[0]
+    micro = max(m for g, m in fitting if g == gamma)
+    if (gamma, int(plan.get("micro_batch_size", 0))) in fitting:
+        micro = int(plan["micro_batch_size"])
+    interval_target = int(plan.get("interval", space.intervals[len(space.intervals) // 2]))
+    interval = min(space.intervals, key=lambda k: (abs(k - interval_target), k))
+    return {"gamma": gamma, "interval": interval, "micro_batch_size": micro}
 
 
 def open_study(settings: StudySettings, options: TuneOptions) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
@@ -199,7 +206,7 @@ def open_study(settings: StudySettings, options: TuneOptions) -> tuple[optuna.St
         study_name=name,
         direction="minimize",
         sampler=make_sampler(settings.seed if options.sampler_seed is None else options.sampler_seed, options.trials),
-        pruner=make_pruner(options.pruner),
+        pruner=make_pruner(options.pruner, settings.tokens_per_trial),
         load_if_exists=True,
     )
     identity = settings.identity(file_digest(settings.data))
@@ -232,6 +239,7 @@ def run_tune(options: TuneOptions) -> int:
         settings.model_config = bundled_model_config(settings.model_config, tokenizer)
         settings.tokenizer_dir = tokenizer_dir.resolve()
     fitting = MemoryFilter(settings).check_space()
+    settings.recommended = recommendation(settings.space, settings.plan, fitting)
     blocks = training_blocks(settings, tokenizer)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study, storage = open_study(settings, options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
         timings = trial.user_attrs.get("timings") or {}
         total = sum(float(timings.get(key, 0.0)) for key in (*OVERHEAD, "train")) if timings else None
         overhead = sum(float(timings.get(key, 0.0)) for key in OVERHEAD)
+        ran = "repeat_of" not in trial.user_attrs and trial.user_attrs.get("counted")
+        duration = trial.duration.total_seconds() if ran and trial.duration is not None else None
         rows.append(
             {
                 "number": trial.number,
@@ -47,7 +50,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
                 "tokens_per_second": trial.user_attrs.get("tokens_per_second"),
                 "predicted_peak_bytes": trial.user_attrs.get("predicted_peak_bytes"),
                 "measured_peak_bytes": trial.user_attrs.get("measured_peak_bytes"),
-                "seconds": round(total, 1) if total else None,
+                "seconds": round(duration, 1) if duration is not None else None,
                 "overhead_share": round(overhead / total, 3) if total else None,
             }
         )
@@ -113,47 +116,66 @@ def write_plots(study: optuna.Study, run_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    written = []
+    # Repeats carry an earlier trial's result and would plot it twice.
+    trials = [t for t in study.get_trials(deepcopy=False) if "repeat_of" not in t.user_attrs]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    pruned = [t for t in trials if t.user_attrs.get("outcome") == "pruned" and t.intermediate_values]
     figure, axes = plt.subplots(figsize=(7, 4))
-    numbers = [t.number for t in complete]
-    values = [float(t.value) for t in complete if t.value is not None]
+    values = [float(t.value or 0.0) for t in complete]
     best_so_far = [min(values[: i + 1]) for i in range(len(values))]
-    axes.scatter(numbers, values, label="held-out loss of a trial", zorder=3)
-    axes.step(numbers, best_so_far, where="post", color="tab:red", label="best so far")
+    axes.scatter([t.number for t in complete], values, label="held-out loss of a trial", zorder=3)
+    if pruned:
+        axes.scatter(
+            [t.number for t in pruned],
+            [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
+            marker="x",
+            color="tab:gray",
+            label="pruned trial (its last report)",
+            zorder=3,
+        )
+    axes.step([t.number for t in complete], best_so_far, where="post", color="tab:red", label="best so far")
     axes.set_xlabel("trial")
     axes.set_ylabel("held-out loss (nats per token)")
     axes.set_title(f"Study {study.study_name}")
     axes.legend()
     figure.tight_layout()
-    path = run_dir / HISTORY_PLOT
-    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
+    history = run_dir / HISTORY_PLOT
+    write_atomically(history, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
     plt.close(figure)
-    written.append(path)
+    return [history, _write_map(complete, pruned, run_dir / MAP_PLOT)]
 
-    gammas = sorted({int(t.params["gamma"]) for t in complete})
-    intervals = sorted({int(t.params["interval"]) for t in complete})
-    grid = [[float("nan")] * len(gammas) for _ in intervals]
+
+def _write_map(complete: list[FrozenTrial], pruned: list[FrozenTrial], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    gammas = sorted({int(t.params["gamma"]) for t in complete + pruned})
+    intervals = sorted({int(t.params["interval"]) for t in complete + pruned})
+    grid = [[math.nan] * len(gammas) for _ in intervals]
     for trial in complete:
         row, column = intervals.index(int(trial.params["interval"])), gammas.index(int(trial.params["gamma"]))
         value = float(trial.value or 0.0)
-        if grid[row][column] != grid[row][column] or value < grid[row][column]:
-            grid[row][column] = value
+        grid[row][column] = value if math.isnan(grid[row][column]) else min(value, grid[row][column])
     figure, axes = plt.subplots(figsize=(1.2 * len(gammas) + 3, 0.8 * len(intervals) + 2))
     image = axes.imshow(grid, cmap="viridis_r", aspect="auto")
     axes.set_xticks(range(len(gammas)), [str(g) for g in gammas])
     axes.set_yticks(range(len(intervals)), [str(k) for k in intervals])
     axes.set_xlabel("gamma (layers trained per period)")
     axes.set_ylabel("K (optimizer steps per period)")
+    finite = [value for line in grid for value in line if not math.isnan(value)]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
     for row, line in enumerate(grid):
         for column, value in enumerate(line):
-            if value == value:
-                axes.text(column, row, f"{value:.3f}", ha="center", va="center", color="white", fontsize=8)
+            if not math.isnan(value):
+                # Low losses are drawn light, so their label is dark.
+                light = high == low or (value - low) / (high - low) < 0.5
+                axes.text(column, row, f"{value:.3f}", ha="center", va="center", color="black" if light else "white")
+    for trial in pruned:
+        row, column = intervals.index(int(trial.params["interval"])), gammas.index(int(trial.params["gamma"]))
+        if math.isnan(grid[row][column]):
+            axes.text(column, row, "pruned", ha="center", va="center", color="tab:gray")
     figure.colorbar(image, ax=axes, label="best held-out loss")
     axes.set_title("Held-out loss by gamma and K")
     figure.tight_layout()
-    path = run_dir / MAP_PLOT
     write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
     plt.close(figure)
-    written.append(path)
-    return written
+    return path

@@ -21,6 +21,7 @@ import math
 import os
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -34,7 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lisa_tune.errors import InputError, LisaTuneError
 from lisa_tune.planner.command import FitCache, NothingFits
-from lisa_tune.planner.search import Budget, predict, usable_bytes
+from lisa_tune.planner.search import Budget, predict, step_fit, usable_bytes
 from lisa_tune.tune import storage as storage_module
 from lisa_tune.tune.space import PERIODS_PER_TRIAL, TuneSpace, default_trial_steps
 from lisa_tune.tune.worker import LOG, RESULT, SPEC
@@ -80,7 +81,10 @@ class StudySettings:
     trial_memory_limit: int | None = None
     """Address-space cap (bytes) of each trial process on the CPU, a stand-in for a smaller device."""
     threads: int | None = None
+    plan: dict[str, Any] = field(default_factory=dict)
+    """The settings of ``--config plan.yaml``, keyed by ``TrainConfig`` field."""
     recommended: dict[str, Any] = field(default_factory=dict)
+    """The first trial's parameters: the planner's recommendation within the space."""
 
     @property
     def tokens_per_trial(self) -> int:
@@ -115,8 +119,8 @@ class StudySettings:
             "warmup_steps": max(1, self.steps // 10),
             "max_steps": self.steps,
             "eval_fraction": self.eval_fraction,
-            "eval_every": max(1, self.steps // self.reports),
-            "log_every": max(1, self.steps // self.reports),
+            "eval_every": math.ceil(self.steps / self.reports),
+            "log_every": math.ceil(self.steps / self.reports),
             "save_every": self.steps,
             "seed": self.seed,
             "pack": True,
@@ -151,13 +155,13 @@ class MemoryFilter:
 
     def __init__(self, settings: StudySettings) -> None:
         self.settings = settings
-        fits = FitCache(settings.model_config, settings.model, settings.attention, "foreach")
-        self.fit = fits(settings.precision, settings.gradient_checkpointing)
+        self.fits = FitCache(settings.model_config, settings.model, settings.attention, "foreach")
         self.usable = usable_bytes(settings.budget, settings.margin)
 
     def predict(self, gamma: int, micro_batch: int) -> Prediction:
         s = self.settings
-        candidate = predict(self.fit, s.budget, gamma, micro_batch, s.sequence_length, s.space.batch)
+        fit = step_fit(self.fits, s.precision, s.gradient_checkpointing, micro_batch, s.space.batch)
+        candidate = predict(fit, s.budget, gamma, micro_batch, s.sequence_length, s.space.batch)
         return Prediction(candidate.peak_bytes, candidate.tensor_peak_bytes, self.usable)
 
     def check_space(self) -> list[tuple[int, int]]:
@@ -320,6 +324,9 @@ class Tuner:
             if key in earlier.user_attrs:
                 trial.set_user_attr(key, earlier.user_attrs[key])
         if earlier.state == TrialState.COMPLETE and earlier.value is not None:
+            # The pruner compares trials at each point they reported, so a repeat carries the earlier reports too.
+            for tokens, loss in sorted(earlier.intermediate_values.items()):
+                trial.report(loss, tokens)
             trial.set_constraint(CONSTRAINT, 0.0)
             return earlier.value
         if CONSTRAINT in earlier.constraints:
@@ -463,10 +470,37 @@ def make_sampler(seed: int, trials: int) -> optuna.samplers.BaseSampler:
         )
 
 
-def make_pruner(name: str) -> optuna.pruners.BasePruner:
+class DistinctMedianPruner(optuna.pruners.BasePruner):
+    """Stop a trial whose held-out loss is above the median of other configurations' at the same number of tokens.
+
+    It is Optuna's median rule with two changes for LISA trials. A repeated configuration counts once, since a
+    repeat carries its original's reports and would otherwise pull the median towards it. A trial is judged only in
+    the second half of its tokens, because early held-out losses are close and their order changes as layers switch.
+    """
+
+    def __init__(self, warmup_tokens: int, min_trials: int = 3) -> None:
+        self.warmup_tokens = warmup_tokens
+        self.min_trials = min_trials
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step < self.warmup_tokens:
+            return False
+        others = [
+            other.intermediate_values[step]
+            for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if step in other.intermediate_values and "repeat_of" not in other.user_attrs
+        ]
+        if len(others) < self.min_trials:
+            return False
+        return trial.intermediate_values[step] > statistics.median(others)
+
+
+def make_pruner(name: str, tokens_per_trial: int) -> optuna.pruners.BasePruner:
+    """Return the pruner ``--pruner`` names."""
     if name == "none":
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    return DistinctMedianPruner(warmup_tokens=tokens_per_trial // 2)
 
 
 def steps_check(steps: int, space: TuneSpace) -> None:
