@@ -452,7 +452,7 @@ def train(plan_file: Path | None, resume: bool, **options: Any) -> None:
 @click.option(
     "--trials", type=int, required=True, help="Trials to run; configurations that do not fit are not counted."
 )
-@click.option("--gpu", default=None, help="Memory budget: a size (24GB, 24GiB), a GPU name, or auto.")
+@click.option("--gpu", required=True, help="Memory budget: a size (24GB, 24GiB), a GPU name, or auto.")
 @click.option("--model", default=None, help="Model directory with weights and tokenizer, or a bundled profile.")
 @click.option(
     "--config",
@@ -464,9 +464,17 @@ def train(plan_file: Path | None, resume: bool, **options: Any) -> None:
 @click.option("--gamma", "gammas", default=None, help="Gammas to search: 1,2,4 or a range 1-8.  [default: 1,2,4,8]")
 @click.option("--interval", "intervals", default=None, help="K values to search (optimizer steps).  [default: 5,10,20]")
 @click.option(
-    "--micro-batch", "micro_batches", default=None, help="Micro-batch sizes to search; each must divide --batch."
+    "--micro-batch",
+    "micro_batches",
+    default=None,
+    help="Micro-batch sizes to search; each must divide --batch.  [default: the plan's, else --batch, else 4]",
 )
-@click.option("--batch", type=int, default=None, help="Sequences per optimizer step, the same in every trial.")
+@click.option(
+    "--batch",
+    type=int,
+    default=None,
+    help="Sequences per optimizer step, the same in every trial.  [default: the plan's, else the largest micro-batch]",
+)
 @click.option(
     "--learning-rate",
     default="3e-4",
@@ -487,7 +495,13 @@ def train(plan_file: Path | None, resume: bool, **options: Any) -> None:
     help="Optimizer steps per trial; at least 3 periods of the largest K.  [default: 3 x largest K]",
 )
 @click.option("--reports", type=int, default=4, show_default=True, help="Held-out evaluations per trial, for pruning.")
-@click.option("--pruner", type=click.Choice(("median", "none")), default="median", show_default=True)
+@click.option(
+    "--pruner",
+    type=click.Choice(("median", "none")),
+    default="median",
+    show_default=True,
+    help="median stops a trial whose held-out loss is above the median of the others in its second half.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data, weights and the sampler.")
 @click.option("--sampler-seed", type=int, default=None, help="Seed of the sampler alone, to repeat a search.")
 @click.option("--margin", type=float, default=0.05, show_default=True, help="Share of the budget kept free.")
@@ -517,7 +531,7 @@ def tune(**options: Any) -> None:
     from lisa_tune.tune.command import TuneOptions, run_tune
 
     if run_tune(TuneOptions(**options)):
-        raise LisaTuneError("no trial completed; see the table above and the logs in RUN_DIR/trials")
+        raise LisaTuneError(f"no trial completed; see the table above and the logs in {options['run_dir'] / 'trials'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -542,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         else:
             click.echo(
-                f"Error: unexpected {type(error).__name__}: {error}. Rerun with --debug for the traceback.", err=True
+                f"Error: unexpected {type(error).__name__}: {error}. Rerun as lisa-tune --debug ... for the traceback.",
+                err=True,
             )
         return 1
     return 0

@@ -420,6 +420,10 @@ def data_file(tmp_path: Path) -> Path:
         (["--learning-rate", "1e-3:1e-5"], 2, "range is empty"),
         (["--trial-memory-limit", "lots"], 2, "--trial-memory-limit"),
         (["--micro-batch", "1", "--batch", "64"], 2, "fewer than one optimizer step of --batch 64"),
+        (["--seq", "0"], 2, "invalid --seq 0"),
+        (["--threads", "0"], 2, "invalid --threads 0"),
+        (["--launch", "--launch-steps", "0"], 2, "invalid --launch-steps 0"),
+        (["--eval-fraction", "1"], 2, "invalid --eval-fraction 1.0"),
     ],
 )
 def test_bad_input_stops_before_any_trial(
@@ -443,8 +447,69 @@ def test_run_dir_of_another_data_set_is_refused(tmp_path: Path, capsys: pytest.C
     other = write_records(tmp_path / "other.jsonl", count=70)
     assert main(tune_args(other, run_dir, "--gpu", "24GB", "--gamma", "1", "--interval", "1", trials=1)) == 2
     error = capsys.readouterr().err
-    assert "was made for other settings" in error and "data_sha256" in error
+    assert "was made for other settings" in error
+    assert "the data file changed" in error
     assert len(load_study(run_dir).trials) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (["--learning-rate", "1e-3"], "learning_rate"),
+        (["--policy", "persistent"], "policy"),
+        (["--seed", "1"], "seed"),
+        (["--eval-fraction", "0.2"], "eval_fraction"),
+    ],
+)
+def test_resume_with_changed_setting_rejected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: list[str], named: str
+) -> None:
+    # Each of these changes the trials' results, so the finished trials would be mislabelled.
+    data = write_records(tmp_path / "data.jsonl")
+    run_dir = tmp_path / "study"
+    args = tune_args(data, run_dir, "--gpu", "24GB", "--gamma", "1", "--interval", "1", trials=1)
+    assert main(args) == 0
+    best = (run_dir / "best.yaml").read_bytes()
+    capsys.readouterr()
+    assert main([*args, *change]) == 2
+    error = capsys.readouterr().err
+    assert "was made for other settings" in error
+    assert named in error
+    assert (run_dir / "best.yaml").read_bytes() == best
+
+
+def test_failed_start_leaves_no_run_dir(tmp_path: Path, data_file: Path) -> None:
+    run_dir = tmp_path / "never"
+    assert main(tune_args(data_file, run_dir, "--gpu", "0.3GB", "--interval", "1")) == 1
+    assert not run_dir.exists()
+
+
+def test_best_yaml_trains_like_the_trials(tmp_path: Path) -> None:
+    data = write_records(tmp_path / "data.jsonl")
+    run_dir = tmp_path / "study"
+    assert main(tune_args(data, run_dir, "--gpu", "24GB", "--gamma", "1", "--interval", "1", trials=1)) == 0
+    plan = read_plan(run_dir / "best.yaml")
+    assert plan["pack"] is True
+    assert plan["seed"] == 0
+    assert plan["tokenizer"] == str((run_dir / "tokenizer").resolve())
+    trial = load_study(run_dir).trials[0]
+    # Training the winner with the trial's length reproduces the trial's held-out loss.
+    final = tmp_path / "final"
+    args = ["train", "--config", str(run_dir / "best.yaml"), "--data", str(data), "--run-dir", str(final)]
+    assert main([*args, "--max-steps", "3", "--warmup-steps", "1", "--eval-every", "1"]) == 0
+    metrics = [json.loads(line) for line in (final / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    last = [record for record in metrics if record["event"] == "eval"][-1]
+    assert last["eval_loss"] == pytest.approx(trial.value, rel=1e-6)
+
+
+def test_plan_file_with_invalid_values(tmp_path: Path, data_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("model: tiny-llama\ngamma: two\nprecision: fp64\n", encoding="utf-8")
+    args = tune_args(data_file, tmp_path / "study", "--gpu", "24GB", "--config", str(plan), "--interval", "1")
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "gamma 'two' is not a whole number" in error
+    assert "precision 'fp64' is not one of bf16, amp-bf16, fp32" in error
 
 
 def test_unreachable_storage_hides_the_password(

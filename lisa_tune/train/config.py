@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,8 @@ PLAN_KEYS = {
     "interval": "interval",
     "learning_rate": "learning_rate",
     "tokenizer": "tokenizer",
+    "pack": "pack",
+    "seed": "seed",
 }
 
 
@@ -142,4 +145,34 @@ def read_plan(path: Path) -> dict[str, Any]:
         ) from error
     if not isinstance(document, dict):
         raise InputError(f"--config {path} must hold a mapping of settings; pass a file written by lisa-tune plan.")
-    return {PLAN_KEYS[key]: value for key, value in document.items() if key in PLAN_KEYS}
+    settings = {PLAN_KEYS[key]: value for key, value in document.items() if key in PLAN_KEYS}
+    rate = settings.get("learning_rate")
+    if isinstance(rate, str):
+        # YAML 1.1 reads 1e-3 (no decimal point) as a string.
+        with contextlib.suppress(ValueError):
+            settings["learning_rate"] = float(rate)
+    problems = [problem for name, value in settings.items() if (problem := _plan_value_problem(name, value))]
+    if problems:
+        raise InputError(
+            f"--config {path}: " + "; ".join(problems) + ". Pass a file written by lisa-tune plan or tune."
+        )
+    return settings
+
+
+_PLAN_INTEGERS = ("gamma", "interval", "micro_batch_size", "gradient_accumulation_steps", "sequence_length", "seed")
+_PLAN_CHOICES = {"precision": PRECISIONS, "policy": ("reset", "persistent"), "attention": ("sdpa", "eager")}
+
+
+def _plan_value_problem(name: str, value: Any) -> str | None:
+    """Describe what is wrong with one value of a plan file, or return None when it is valid."""
+    if name in _PLAN_INTEGERS and (isinstance(value, bool) or not isinstance(value, int)):
+        return f"{name} {value!r} is not a whole number"
+    if name == "learning_rate" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return f"learning_rate {value!r} is not a number"
+    if name in ("gradient_checkpointing", "pack") and not isinstance(value, bool):
+        return f"{name} {value!r} is not true or false"
+    if name in _PLAN_CHOICES and value not in _PLAN_CHOICES[name]:
+        return f"{name} {value!r} is not one of {', '.join(_PLAN_CHOICES[name])}"
+    if name in ("model", "tokenizer") and not isinstance(value, str):
+        return f"{name} {value!r} is not a name or path"
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,7 @@ def _prepare_tokenizer(model: str, data: Path, run_dir: Path, strict: bool = Fal
         return None, transformers.AutoTokenizer.from_pretrained(path)
     tokenizer_dir = run_dir / "tokenizer"
     if (tokenizer_dir / "tokenizer.json").is_file():
+        logger.info("using the tokenizer trained for this run directory earlier, in %s", tokenizer_dir)
         return tokenizer_dir, transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     records = load_records(data, strict=strict)
     source = resolve_model(model)
@@ -111,6 +113,12 @@ def build_settings(options: TuneOptions) -> StudySettings:
         raise InputError(f"invalid --reports {options.reports}: pass at least 1 held-out evaluation per trial.")
     if not 0 <= options.margin < 1:
         raise InputError(f"invalid --margin {options.margin}: pass a fraction of the budget from 0 to below 1.")
+    if not 0 < options.eval_fraction < 1:
+        raise InputError(f"invalid --eval-fraction {options.eval_fraction}: pass a fraction between 0 and 1.")
+    if options.threads is not None and options.threads < 1:
+        raise InputError(f"invalid --threads {options.threads}: pass at least 1, or leave it out for PyTorch's choice.")
+    if options.launch_steps is not None and options.launch_steps < 1:
+        raise InputError(f"invalid --launch-steps {options.launch_steps}: pass at least 1 optimizer step.")
     if not options.data.is_file():
         raise InputError(
             f"--data {options.data} not found or not a file. Pass a JSON or JSONL file of training records."
@@ -130,6 +138,9 @@ def build_settings(options: TuneOptions) -> StudySettings:
     micro_text = options.micro_batches
     if micro_text is None and "micro_batch_size" in plan:
         micro_text = str(plan["micro_batch_size"])
+        if options.batch is not None and options.batch % int(plan["micro_batch_size"]):
+            # The plan's micro-batch does not divide the --batch given here, so the trials take --batch whole.
+            micro_text = None
     batch = options.batch
     if batch is None and "micro_batch_size" in plan:
         batch = int(plan["micro_batch_size"]) * int(plan.get("gradient_accumulation_steps", 1))
@@ -146,7 +157,7 @@ def build_settings(options: TuneOptions) -> StudySettings:
             raise InputError(
                 f"invalid --trial-memory-limit {options.trial_memory_limit!r}: {error}. Pass a size such as 4GB."
             ) from None
-    sequence = options.sequence_length or int(plan.get("sequence_length", 256))
+    sequence = options.sequence_length if options.sequence_length is not None else int(plan.get("sequence_length", 256))
     if sequence < 1:
         raise InputError(f"invalid --seq {sequence}: a sequence length must be at least 1 token.")
     return StudySettings(
@@ -211,13 +222,20 @@ def open_study(settings: StudySettings, options: TuneOptions) -> tuple[optuna.St
     )
     identity = settings.identity(file_digest(settings.data))
     saved = {key: study.user_attrs.get(key) for key in identity}
+    # Studies made before a key was recorded hold None for it; only the recorded keys are compared.
+    known = {key for key, value in saved.items() if value is not None}
     if all(value is None for value in saved.values()):
         for key, value in identity.items():
             study.set_user_attr(key, value)
     else:
-        different = [key for key in identity if saved[key] != identity[key]]
+        different = [key for key in identity if key in known and saved[key] != identity[key]]
         if different:
-            details = "; ".join(f"{key} {saved[key]!r} there, {identity[key]!r} now" for key in different)
+            details = "; ".join(
+                "the data file changed (its SHA-256 differs)"
+                if key == "data_sha256"
+                else f"{key} {saved[key]!r} there, {identity[key]!r} now"
+                for key in different
+            )
             raise InputError(
                 f"study {name!r} in {storage_module.masked(url)} was made for other settings ({details}). Pass a "
                 "new --run-dir (or --study-name), or the settings the study was made with."
@@ -230,19 +248,29 @@ def run_tune(options: TuneOptions) -> int:
     settings = build_settings(options)
     from lisa_tune.tune.tuner import MemoryFilter
 
-    # The memory check needs the model as the trials build it: a bundled profile gets the data's tokenizer.
-    options.run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_dir, tokenizer = _prepare_tokenizer(settings.model, settings.data, settings.run_dir)
-    if tokenizer_dir is not None:
-        from lisa_tune.train.trainer import bundled_model_config
+    created = not options.run_dir.exists()
+    had_tokenizer = (options.run_dir / "tokenizer" / "tokenizer.json").is_file()
+    try:
+        # The memory check needs the model as the trials build it: a bundled profile gets the data's tokenizer.
+        options.run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer_dir, tokenizer = _prepare_tokenizer(settings.model, settings.data, settings.run_dir)
+        if tokenizer_dir is not None:
+            from lisa_tune.train.trainer import bundled_model_config
 
-        settings.model_config = bundled_model_config(settings.model_config, tokenizer)
-        settings.tokenizer_dir = tokenizer_dir.resolve()
-    fitting = MemoryFilter(settings).check_space()
-    settings.recommended = recommendation(settings.space, settings.plan, fitting)
-    blocks = training_blocks(settings, tokenizer)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study, storage = open_study(settings, options)
+            settings.model_config = bundled_model_config(settings.model_config, tokenizer)
+            settings.tokenizer_dir = tokenizer_dir.resolve()
+        fitting = MemoryFilter(settings).check_space()
+        settings.recommended = recommendation(settings.space, settings.plan, fitting)
+        blocks = training_blocks(settings, tokenizer)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        study, storage = open_study(settings, options)
+    except BaseException:
+        # A start that fails before any trial leaves nothing behind that a later start would pick up.
+        if created:
+            shutil.rmtree(options.run_dir, ignore_errors=True)
+        elif not had_tokenizer:
+            shutil.rmtree(options.run_dir / "tokenizer", ignore_errors=True)
+        raise
     tuner = Tuner(settings, study, options.trials)
     for orphan in storage_module.fail_orphaned_trials(study, storage):
         if orphan.params:
@@ -324,6 +352,8 @@ def best_document(settings: StudySettings, best: FrozenTrial) -> dict[str, Any]:
         "attention": settings.attention,
         "optimizer_state_policy": settings.policy,
         "learning_rate": learning_rate,
+        "pack": True,
+        "seed": settings.seed,
     }
     if settings.tokenizer_dir is not None:
         document["tokenizer"] = str(settings.tokenizer_dir)
@@ -364,9 +394,7 @@ def launch(settings: StudySettings, steps: int, document: dict[str, Any]) -> Non
     config = TrainConfig(
         data=settings.data,
         run_dir=run_dir,
-        seed=settings.seed,
         eval_fraction=settings.eval_fraction,
-        pack=True,
         max_steps=steps,
         **fields,
     )

@@ -115,6 +115,7 @@ def write_plots(study: optuna.Study, run_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     # Repeats carry an earlier trial's result and would plot it twice.
     trials = [t for t in study.get_trials(deepcopy=False) if "repeat_of" not in t.user_attrs]
@@ -135,6 +136,7 @@ def write_plots(study: optuna.Study, run_dir: Path) -> list[Path]:
         )
     axes.step([t.number for t in complete], best_so_far, where="post", color="tab:red", label="best so far")
     axes.set_xlabel("trial")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("held-out loss (nats per token)")
     axes.set_title(f"Study {study.study_name}")
     axes.legend()

@@ -13,7 +13,7 @@ PERIODS_PER_TRIAL = 3
 """A trial covers at least this many sampling periods of the largest K, so a large K is not judged on one draw."""
 
 
-def parse_int_list(text: str, option: str, low: int = 1, high: int | None = None) -> list[int]:
+def parse_int_list(text: str, option: str, low: int = 1, high: int | None = None, high_name: str = "") -> list[int]:
     """Parse ``1,2,4`` or a range ``1-8`` (both ends included) into sorted distinct integers within limits."""
     values: set[int] = set()
     for part in text.split(","):
@@ -30,8 +30,10 @@ def parse_int_list(text: str, option: str, low: int = 1, high: int | None = None
         values.update(range(start, end + 1))
     outside = sorted(v for v in values if v < low or (high is not None and v > high))
     if outside:
-        limit = f"{low} to {high}" if high is not None else f"at least {low}"
-        raise InputError(f"invalid {option} {text!r}: {', '.join(map(str, outside))} outside {limit}.")
+        listed = ", ".join(map(str, outside))
+        if high is None:
+            raise InputError(f"invalid {option} {text!r}: {listed} below {low}; pass values of at least {low}.")
+        raise InputError(f"invalid {option} {text!r}: {listed} outside {low} to {high}{high_name}.")
     return sorted(values)
 
 
@@ -100,7 +102,7 @@ def build_space(
     if gammas is None:
         gamma_values = [g for g in DEFAULT_GAMMAS if g <= layers]
     else:
-        gamma_values = parse_int_list(gammas, "--gamma", 1, layers)
+        gamma_values = parse_int_list(gammas, "--gamma", 1, layers, f" (the model's {layers} layers)")
     interval_values = list(DEFAULT_INTERVALS) if intervals is None else parse_int_list(intervals, "--interval (K)", 1)
     micro_values = [batch or 4] if micro_batches is None else parse_int_list(micro_batches, "--micro-batch", 1)
     sequences_per_step = batch if batch is not None else max(micro_values)

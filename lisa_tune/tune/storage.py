@@ -87,10 +87,13 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             reason = reason.replace(secret, "***")
         if len(reason) > 300:
             reason = reason[:300] + "..."
+        if url.startswith("sqlite"):
+            advice = "Check that the folder of the database file exists and is writable"
+        else:
+            advice = "Check that the server is running and reachable and that the URL, user and database are right"
         raise InputError(
-            f"cannot open the study storage {masked(url)}: {reason}. Check that the server is running and "
-            "reachable and that the URL, user and database are right, or leave --storage out to keep the study "
-            "in a SQLite file in the run directory."
+            f"cannot open the study storage {masked(url)}: {reason}. {advice}, or leave --storage out to keep the "
+            "study in a SQLite file in the run directory."
         ) from None
 
 

@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 CONSTRAINT = "memory_overshoot_gb"
 """The constraint Optuna's samplers read: GB over the usable budget, positive when a configuration does not fit."""
-IDENTITY_KEYS = ("model", "data_sha256", "sequence_length", "precision", "gradient_checkpointing", "batch", "steps")
 POLL_SECONDS = 0.2
 MAX_SKIPPED_PER_TRIAL = 50
 """Infeasible or repeated suggestions tolerated per trial run before the search is considered exhausted."""
@@ -91,15 +90,26 @@ class StudySettings:
         return self.steps * self.space.batch * self.sequence_length
 
     def identity(self, data_digest: str) -> dict[str, Any]:
-        """Return the study attributes a resumed run must match."""
+        """Return the study attributes a resumed run must match: everything that changes a trial's result."""
+        rate = self.space.learning_rate
+        tokenizer = self.tokenizer_dir / "tokenizer.json" if self.tokenizer_dir else None
         return {
             "model": self.model,
             "data_sha256": data_digest,
+            "tokenizer_sha256": file_digest(tokenizer) if tokenizer is not None else "the model's",
             "sequence_length": self.sequence_length,
             "precision": self.precision,
             "gradient_checkpointing": self.gradient_checkpointing,
+            "attention": self.attention,
+            "policy": self.policy,
             "batch": self.space.batch,
             "steps": self.steps,
+            "seed": self.seed,
+            "eval_fraction": self.eval_fraction,
+            "gammas": ",".join(map(str, self.space.gammas)),
+            "intervals": ",".join(map(str, self.space.intervals)),
+            "micro_batches": ",".join(map(str, self.space.micro_batches)),
+            "learning_rate": f"{rate.low:g}:{rate.high:g}" if rate.searched else f"{rate.low:g}",
         }
 
     def train_settings(self, gamma: int, interval: int, micro_batch: int, learning_rate: float) -> dict[str, Any]:
@@ -412,7 +422,19 @@ class Tuner:
             trial.set_constraint(CONSTRAINT, max(requested, 1) / 1e9)
             raise optuna.TrialPruned(f"out of memory: {result['message']}")
         tail = (trial_dir / LOG).read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
-        reason = result["message"] if result is not None else f"exit status {code}"
+        if result is not None:
+            reason = str(result["message"])
+        elif code is not None and code < 0:
+            reason = f"killed by {signal.Signals(-code).name}"
+            if -code == signal.SIGKILL:
+                reason += ", which the kernel's out-of-memory killer also sends"
+        else:
+            reason = f"exit status {code}"
+        if result is None and self.settings.trial_memory_limit is not None:
+            reason += (
+                f"; the process ran under --trial-memory-limit {self.settings.trial_memory_limit:,} bytes, and the "
+                "interpreter and libraries alone take about 1.3 GB of address space"
+            )
         trial.set_user_attr("outcome", "crashed")
         trial.set_user_attr("message", reason)
         raise TrialCrashed(f"trial {trial.number} crashed ({reason}); log {trial_dir / LOG}: {' | '.join(tail)}")
