@@ -299,6 +299,13 @@ def test_unknown_layout_raises(tmp_path: Path) -> None:
         load_records(path)
 
 
+def test_one_line_object_names_the_keys(tmp_path: Path) -> None:
+    path = tmp_path / "one.jsonl"
+    path.write_text('{"foo": 1}\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"line 1 has none of the keys 'instruction', 'messages' or 'text'"):
+        load_records(path)
+
+
 def test_single_object_file_raises(tmp_path: Path) -> None:
     path = tmp_path / "object.json"
     path.write_text(json.dumps({"data": [{"text": "one"}]}, indent=2), encoding="utf-8")

@@ -432,6 +432,9 @@ def _no_usable_record_message(result: LoadedRecords, text: str) -> str:
 
 
 def _is_single_json_object(text: str) -> bool:
+    # One object on one line is also a JSONL file of one record, whose keys are then what is wrong.
+    if len([line for line in text.splitlines() if line.strip()]) < 2:
+        return False
     try:
         return isinstance(json.loads(text), dict)
     except json.JSONDecodeError:

@@ -78,11 +78,11 @@ def _default_precision() -> str:
     return "fp32"
 
 
-def _prepare_tokenizer(model: str, data: Path, run_dir: Path, strict: bool = False) -> tuple[Path | None, Any]:
+def _prepare_tokenizer(model: str, records: Any, run_dir: Path) -> tuple[Path | None, Any]:
     """Return the tokenizer directory every trial shares (trained once for a bundled profile) and the tokenizer."""
     import transformers
 
-    from lisa_tune.train.data import load_records, record_texts
+    from lisa_tune.train.data import record_texts
     from lisa_tune.train.tokenizer import train_bpe_tokenizer
 
     path = Path(model).expanduser()
@@ -92,7 +92,6 @@ def _prepare_tokenizer(model: str, data: Path, run_dir: Path, strict: bool = Fal
     if (tokenizer_dir / "tokenizer.json").is_file():
         logger.info("using the tokenizer trained for this run directory earlier, in %s", tokenizer_dir)
         return tokenizer_dir, transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    records = load_records(data, strict=strict)
     source = resolve_model(model)
     vocab = min(4096, int(source.config.get("vocab_size", 4096)))
     tokenizer = train_bpe_tokenizer(record_texts(records), vocab, tokenizer_dir)
@@ -253,7 +252,10 @@ def run_tune(options: TuneOptions) -> int:
     try:
         # The memory check needs the model as the trials build it: a bundled profile gets the data's tokenizer.
         options.run_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer_dir, tokenizer = _prepare_tokenizer(settings.model, settings.data, settings.run_dir)
+        from lisa_tune.train.data import load_records
+
+        records = load_records(settings.data)
+        tokenizer_dir, tokenizer = _prepare_tokenizer(settings.model, records, settings.run_dir)
         if tokenizer_dir is not None:
             from lisa_tune.train.trainer import bundled_model_config
 
@@ -261,7 +263,7 @@ def run_tune(options: TuneOptions) -> int:
             settings.tokenizer_dir = tokenizer_dir.resolve()
         fitting = MemoryFilter(settings).check_space()
         settings.recommended = recommendation(settings.space, settings.plan, fitting)
-        blocks = training_blocks(settings, tokenizer)
+        blocks = training_blocks(settings, records, tokenizer)
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         study, storage = open_study(settings, options)
     except BaseException:
@@ -304,8 +306,12 @@ def run_tune(options: TuneOptions) -> int:
         suffix = f"; best {best.value:.4f} (trial {best.number})" if best is not None and best.value else ""
         logger.info("%s%s", describe(trial), suffix)
 
-    with logging_redirect_tqdm(loggers=[logging.getLogger("lisa_tune")]), progress:
-        tuner.run(on_trial)
+    try:
+        with logging_redirect_tqdm(loggers=[logging.getLogger("lisa_tune")]), progress:
+            tuner.run(on_trial)
+    except KeyboardInterrupt:
+        logger.warning("interrupted; run the same command again to resume the study from its finished trials")
+        raise
     return finish(settings, options, study, max(1, blocks // settings.space.batch))
 
 
@@ -369,11 +375,11 @@ def best_document(settings: StudySettings, best: FrozenTrial) -> dict[str, Any]:
     return document
 
 
-def training_blocks(settings: StudySettings, tokenizer: Any) -> int:
+def training_blocks(settings: StudySettings, records: Any, tokenizer: Any) -> int:
     """Tokenize and pack the data as every trial will, and return the training sequences; fail before any trial."""
-    from lisa_tune.train.data import load_records, split_holdout, tokenize_records
+    from lisa_tune.train.data import split_holdout, tokenize_records
 
-    dataset = tokenize_records(load_records(settings.data), tokenizer, max_length=settings.sequence_length, pack=True)
+    dataset = tokenize_records(records, tokenizer, max_length=settings.sequence_length, pack=True)
     train_set, _ = split_holdout(dataset, settings.eval_fraction, settings.seed)
     if len(train_set) < settings.space.batch:
         raise InputError(
