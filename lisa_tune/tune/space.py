@@ -76,7 +76,7 @@ class TuneSpace:
     intervals: list[int]
     micro_batches: list[int]
     batch: int
-    """Sequences per optimizer step, the same in every trial so each sees the same data."""
+    """Sequences per optimizer step, the same in every trial so each trains on the same data."""
     learning_rate: LearningRate
 
     def memory_grid(self) -> list[tuple[int, int]]:

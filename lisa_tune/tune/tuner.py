@@ -1,7 +1,7 @@
 """Search gamma and K (and optionally learning rate and micro-batch) with Optuna, by short real LISA trials.
 
 Each trial runs the bundled trainer in its own process (``lisa_tune.tune.worker``). Every trial trains on the same
-packed data in the same order, from the same initial weights, for the same number of tokens, and is scored on the
+packed data in the same order, from the same initial weights, for the same number of tokens. All are scored on the
 same held-out set, so differences between trials come from the settings searched (common random numbers).
 
 Memory: the planner's prediction decides before a trial starts whether it fits the budget. A configuration predicted
@@ -358,6 +358,7 @@ class Tuner:
         }
         (trial_dir / SPEC).write_text(json.dumps(spec, indent=1), encoding="utf-8")
         trial.set_user_attr("trial_dir", str(trial_dir))
+
         reader = MetricsReader(trial_dir / "metrics.jsonl")
         limit = settings.trial_memory_limit
         with (trial_dir / LOG).open("wb") as log:
@@ -402,6 +403,7 @@ class Tuner:
         trial.set_user_attr("counted", True)
         if result is not None and "timings" in result:
             trial.set_user_attr("timings", result["timings"])
+
         if result is not None and result["status"] == "ok":
             trial.set_user_attr("outcome", "complete")
             trial.set_user_attr("tokens_per_second", round(float(result["tokens_per_second"]), 1))
@@ -421,6 +423,7 @@ class Tuner:
             # The failed request is how far the step went over, at least: the limit was reached before it.
             trial.set_constraint(CONSTRAINT, max(requested, 1) / 1e9)
             raise optuna.TrialPruned(f"out of memory: {result['message']}")
+
         tail = (trial_dir / LOG).read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
         if result is not None:
             reason = str(result["message"])
