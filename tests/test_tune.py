@@ -22,6 +22,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import transformers
 from optuna.trial import TrialState
 from records import write_records
@@ -399,6 +400,92 @@ def test_rerun_with_the_same_settings_adds_no_trials(tmp_path: Path) -> None:
     trials = load_study(run_dir).trials
     assert main(args) == 0
     assert [t.number for t in load_study(run_dir).trials] == [t.number for t in trials]
+
+
+def test_learning_rate_range_is_searched(tmp_path: Path) -> None:
+    data = write_records(tmp_path / "data.jsonl")
+    run_dir = tmp_path / "rates"
+    args = tune_args(
+        data,
+        run_dir,
+        "--gpu",
+        "24GB",
+        "--gamma",
+        "1",
+        "--interval",
+        "1",
+        "--learning-rate",
+        "1e-4:1e-2",
+        "--pruner",
+        "none",
+        trials=2,
+    )
+    assert main(args) == 0
+    trials = counted(load_study(run_dir))
+    rates = [t.params["learning_rate"] for t in trials]
+    assert len(rates) == 2
+    assert rates[0] != rates[1]
+    assert all(1e-4 <= rate <= 1e-2 for rate in rates)
+    best = min(trials, key=lambda t: t.value or 0.0)
+    assert read_plan(run_dir / "best.yaml")["learning_rate"] == pytest.approx(best.params["learning_rate"])
+    for trial in trials:
+        spec = json.loads((run_dir / "trials" / f"{trial.number:04d}" / "spec.json").read_text(encoding="utf-8"))
+        assert spec["train"]["learning_rate"] == trial.params["learning_rate"]
+
+
+def test_plan_file_fixes_settings_and_first_trial(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan_args = ["plan", "--gpu", "24GB", "--model", "tiny-llama", "--seq", "64", "--max-batch", "4"]
+    assert main([*plan_args, "--gamma", "3", "--precision", "bf16", "--output", str(plan)]) == 0
+    planned = read_plan(plan)
+    data = write_records(tmp_path / "data.jsonl")
+    run_dir = tmp_path / "from-plan"
+    args = [
+        "tune",
+        "--config",
+        str(plan),
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        "--gpu",
+        "24GB",
+        "--trials",
+        "1",
+        "--gamma",
+        "1,3",
+        "--interval",
+        "1",
+        "--threads",
+        "1",
+    ]
+    assert main(args) == 0
+    first = load_study(run_dir).trials[0]
+    assert first.params["gamma"] == 3
+    spec = json.loads((run_dir / "trials" / "0000" / "spec.json").read_text(encoding="utf-8"))["train"]
+    assert spec["precision"] == "bf16"
+    assert spec["sequence_length"] == 64
+    assert spec["micro_batch_size"] == planned["micro_batch_size"]
+
+
+def test_trials_on_a_gpu_are_capped_to_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No GPU here: torch.cuda is mocked to report an 80 GB card, to check the fraction a trial process is given.
+    data = write_records(tmp_path / "data.jsonl")
+    options = TuneOptions(
+        data=data,
+        run_dir=tmp_path / "gpu",
+        trials=1,
+        gpu="24GB",
+        model="tiny-llama",
+        intervals="1",
+        sequence_length=64,
+        threads=1,
+    )
+    tuner = Tuner(build_settings(options), optuna.create_study(), trials=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (79 * 10**9, 80 * 10**9))
+    # 24 GB less the 5% margin, of 80 GB.
+    assert tuner._cuda_memory_fraction() == pytest.approx(22.8 / 80)
 
 
 # Bad input ----------------------------------------------------------------------------------------------------------
