@@ -65,6 +65,11 @@ def tune_args(data: Path, run_dir: Path, *extra: str, trials: int = 2) -> list[s
     ]
 
 
+def one_config_args(data: Path, run_dir: Path, *extra: str, trials: int = 2) -> list[str]:
+    """Return ``tune`` arguments whose space is gamma 1 and K 1 at a 24 GB budget, plus ``extra``."""
+    return tune_args(data, run_dir, "--gpu", "24GB", "--gamma", "1", "--interval", "1", *extra, trials=trials)
+
+
 def load_study(run_dir: Path) -> optuna.Study:
     return optuna.load_study(study_name=run_dir.name, storage=f"sqlite:///{run_dir / 'study.db'}")
 
@@ -234,15 +239,9 @@ def test_trial_out_of_memory_is_infeasible_and_the_study_goes_on(tmp_path: Path)
     cap = peak + 150 * 2**20
     # Micro-batch 64 at 64 tokens needs several hundred MB more than micro-batch 1: its logits alone are 64 MiB.
     run_dir = tmp_path / "capped"
-    args = tune_args(
+    args = one_config_args(
         data,
         run_dir,
-        "--gpu",
-        "24GB",
-        "--gamma",
-        "1",
-        "--interval",
-        "1",
         "--micro-batch",
         "1,64",
         "--batch",
@@ -395,7 +394,7 @@ def test_study_on_alpaca_data_picks_a_winner_and_launches_it(
 def test_rerun_with_the_same_settings_adds_no_trials(tmp_path: Path) -> None:
     data = write_records(tmp_path / "data.jsonl")
     run_dir = tmp_path / "again"
-    args = tune_args(data, run_dir, "--gpu", "24GB", "--gamma", "1", "--interval", "1", trials=1)
+    args = one_config_args(data, run_dir, trials=1)
     assert main(args) == 0
     trials = load_study(run_dir).trials
     assert main(args) == 0
@@ -405,15 +404,9 @@ def test_rerun_with_the_same_settings_adds_no_trials(tmp_path: Path) -> None:
 def test_learning_rate_range_is_searched(tmp_path: Path) -> None:
     data = write_records(tmp_path / "data.jsonl")
     run_dir = tmp_path / "rates"
-    args = tune_args(
+    args = one_config_args(
         data,
         run_dir,
-        "--gpu",
-        "24GB",
-        "--gamma",
-        "1",
-        "--interval",
-        "1",
         "--learning-rate",
         "1e-4:1e-2",
         "--pruner",
@@ -529,10 +522,10 @@ def test_bad_input_stops_before_any_trial(
 def test_run_dir_of_another_data_set_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "shared-dir"
     first = write_records(tmp_path / "first.jsonl", count=60)
-    assert main(tune_args(first, run_dir, "--gpu", "24GB", "--gamma", "1", "--interval", "1", trials=1)) == 0
+    assert main(one_config_args(first, run_dir, trials=1)) == 0
     capsys.readouterr()
     other = write_records(tmp_path / "other.jsonl", count=70)
-    assert main(tune_args(other, run_dir, "--gpu", "24GB", "--gamma", "1", "--interval", "1", trials=1)) == 2
+    assert main(one_config_args(other, run_dir, trials=1)) == 2
     error = capsys.readouterr().err
     assert "was made for other settings" in error
     assert "the data file changed" in error
@@ -554,7 +547,7 @@ def test_resume_with_changed_setting_rejected(
     # Each of these changes the trials' results, so the finished trials would be mislabelled.
     data = write_records(tmp_path / "data.jsonl")
     run_dir = tmp_path / "study"
-    args = tune_args(data, run_dir, "--gpu", "24GB", "--gamma", "1", "--interval", "1", trials=1)
+    args = one_config_args(data, run_dir, trials=1)
     assert main(args) == 0
     best = (run_dir / "best.yaml").read_bytes()
     capsys.readouterr()
@@ -574,7 +567,7 @@ def test_failed_start_leaves_no_run_dir(tmp_path: Path, data_file: Path) -> None
 def test_best_yaml_trains_like_the_trials(tmp_path: Path) -> None:
     data = write_records(tmp_path / "data.jsonl")
     run_dir = tmp_path / "study"
-    assert main(tune_args(data, run_dir, "--gpu", "24GB", "--gamma", "1", "--interval", "1", trials=1)) == 0
+    assert main(one_config_args(data, run_dir, trials=1)) == 0
     plan = read_plan(run_dir / "best.yaml")
     assert plan["pack"] is True
     assert plan["seed"] == 0
