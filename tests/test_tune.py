@@ -494,6 +494,7 @@ def data_file(tmp_path: Path) -> Path:
     [
         (["--trials", "0"], 2, "invalid --trials 0"),
         (["--gpu", "0.3GB"], 1, "nothing fits 0.3GB"),
+        (["--gpu", "0.52GB", "--margin", "0", "--seq", "256", "--batch", "4"], 1, "fits at gamma 1 and micro-batch 1"),
         (["--gpu", "0.6GB", "--margin", "0", "--micro-batch", "64", "--batch", "64"], 2, "empty after the memory"),
         (["--interval", "4", "--trial-steps", "6"], 2, "fewer than 3 periods of the largest K"),
         (["--gamma", "0"], 2, "0 outside 1 to 4"),

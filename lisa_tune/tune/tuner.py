@@ -35,7 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from lisa_tune.errors import InputError, LisaTuneError
 from lisa_tune.planner.command import FitCache, NothingFits
-from lisa_tune.planner.search import Budget, predict, step_fit, usable_bytes
+from lisa_tune.planner.search import Budget, longest_fitting_sequence, predict, step_fit, usable_bytes
 from lisa_tune.tune import storage as storage_module
 from lisa_tune.tune.space import PERIODS_PER_TRIAL, TuneSpace, default_trial_steps
 from lisa_tune.tune.worker import LOG, RESULT, SPEC
@@ -174,6 +174,23 @@ class MemoryFilter:
         candidate = predict(fit, s.budget, gamma, micro_batch, s.sequence_length, s.space.batch)
         return Prediction(candidate.peak_bytes, candidate.tensor_peak_bytes, self.usable)
 
+    def _what_would_fit(self) -> str:
+        s = self.settings
+        fit = step_fit(self.fits, s.precision, s.gradient_checkpointing, 1, s.space.batch)
+        longest = longest_fitting_sequence(fit, s.budget, self.usable, 1, 1, s.sequence_length - 1 or None)
+        hints = []
+        if longest:
+            hints.append(f"--seq {longest} fits at gamma 1 and micro-batch 1")
+        if not s.gradient_checkpointing:
+            other = step_fit(self.fits, s.precision, True, 1, s.space.batch)
+            need = predict(other, s.budget, 1, 1, s.sequence_length, s.space.batch).peak_bytes
+            hints.append(f"--grad-ckpt needs {need / 1e9:.2f} GB{'' if need <= self.usable else ', still too much'}")
+        advice = "; ".join(hints) + ". " if hints else ""
+        return (
+            f"{advice}lisa-tune plan --gpu {s.budget.label} --model {s.model} lists more options, such as a lower "
+            "precision or a frozen embedding."
+        )
+
     def check_space(self) -> list[tuple[int, int]]:
         """Return the (gamma, micro-batch) pairs that fit; raise when none does, saying what would."""
         s = self.settings
@@ -186,8 +203,7 @@ class MemoryFilter:
             raise NothingFits(
                 f"nothing fits {budget}: even gamma 1 at micro-batch 1 needs {smallest.peak_bytes / 1e9:.2f} GB at "
                 f"sequence length {s.sequence_length} ({s.precision}, checkpointing "
-                f"{'on' if s.gradient_checkpointing else 'off'}). Run lisa-tune plan --gpu {s.budget.label} "
-                f"--model {s.model} to see what would fit (shorter sequences, checkpointing, a frozen embedding)."
+                f"{'on' if s.gradient_checkpointing else 'off'}). {self._what_would_fit()}"
             )
         options = [
             (gamma, micro)
