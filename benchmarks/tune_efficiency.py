@@ -30,6 +30,7 @@ import optuna
 import torch
 import transformers
 
+from lisa_tune.tune.report import overhead_share
 from lisa_tune.tune.tuner import make_sampler
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca-libre" / "tasks_v1.jsonl"
@@ -89,7 +90,7 @@ def replay(grid: dict[tuple[int, int], float], first: dict[str, int], seed: int)
             int(trial.suggest_categorical("interval", list(INTERVALS))),
         )
         study.tell(trial, grid[key])
-        # Like the tuner, a repeated suggestion is answered from the earlier result and does not count as a trial.
+        # Like the tuner, a repeated suggestion reuses the earlier result and does not count as a trial.
         if key not in tried:
             tried.append(key)
         if grid[key] <= best:
@@ -113,21 +114,20 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as folder:
         study, wall = run_grid(arguments.data, arguments.model, Path(folder) / "grid")
-    ran = [t for t in study.trials if t.user_attrs.get("counted") and "repeat_of" not in t.user_attrs]
+    ran = [t for t in study.trials if t.user_attrs.get("counted")]
     grid: dict[tuple[int, int], float] = {}
     shares = []
     print(f"\nGrid: {len(ran)} trials in {wall:.0f} s (whole command)")
     print("trial gamma K  held-out  start imports set-up  train  (eval)  overhead share")
     for trial in ran:
         timings = trial.user_attrs["timings"]
-        overhead = timings["process_start"] + timings["imports"] + timings["setup"]
-        total = overhead + timings["train"]
-        shares.append(overhead / total)
+        share = overhead_share(timings) or 0.0
+        shares.append(share)
         grid[(trial.params["gamma"], trial.params["interval"])] = float(trial.value or 0.0)
         print(
             f"{trial.number:5d} {trial.params['gamma']:5d} {trial.params['interval']:2d} {trial.value:9.4f} "
             f"{timings['process_start']:6.2f} {timings['imports']:7.2f} {timings['setup']:6.2f} "
-            f"{timings['train']:6.2f} ({timings['evaluation']:5.2f})  {overhead / total:6.1%}"
+            f"{timings['train']:6.2f} ({timings['evaluation']:5.2f})  {share:6.1%}"
         )
     print(f"overhead share: median {statistics.median(shares):.1%}, range {min(shares):.1%} to {max(shares):.1%}")
     best = min(grid, key=lambda key: grid[key])

@@ -6,6 +6,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
@@ -23,3 +24,13 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` as UTF-8 to ``path`` through ``write_atomically``."""
+    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def write_png_atomically(path: Path, figure: Any, dpi: int = 110) -> None:
+    """Save a matplotlib figure to ``path`` as PNG through ``write_atomically``."""
+    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=dpi))

@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from lisa_tune.files import write_atomically
+from lisa_tune.files import write_text_atomically
 from lisa_tune.planner.memory_fit import MemoryFit
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,6 @@ def store_fit(fit: MemoryFit) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         text = fit.to_json()
-        write_atomically(folder / f"{fit.key}.json", lambda temporary: temporary.write_text(text, encoding="utf-8"))
+        write_text_atomically(folder / f"{fit.key}.json", text)
     except OSError as error:
         logger.warning("cannot write the memory-fit cache in %s: %s", folder, error)

@@ -287,7 +287,7 @@ def _longest_sequence(
 
 def write_outputs(plan: Plan, fits: FitCache, options: PlanOptions, output: Path | None, plot: Path | None) -> None:
     """Write the plan file and the plot, each atomically."""
-    from lisa_tune.files import write_atomically
+    from lisa_tune.files import write_text_atomically
     from lisa_tune.planner.output import plan_to_yaml_dict, write_plot
 
     if output is not None:
@@ -295,7 +295,7 @@ def write_outputs(plan: Plan, fits: FitCache, options: PlanOptions, output: Path
         text = "# Written by lisa-tune plan; lisa-tune train --config and lisa-tune tune read it.\n" + yaml.safe_dump(
             document, sort_keys=False
         )
-        write_atomically(output, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+        write_text_atomically(output, text)
         logger.info("wrote the recommended configuration to %s", output)
     if plot is not None:
         chosen = plan.recommended

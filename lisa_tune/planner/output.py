@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lisa_tune.errors import InputError
-from lisa_tune.files import write_atomically
+from lisa_tune.files import write_png_atomically
 from lisa_tune.planner.memory_fit import MemoryFit
 from lisa_tune.planner.search import Candidate, Plan
 from lisa_tune.planner.speed import UTILIZATION
@@ -218,5 +218,5 @@ def write_plot(plan: Plan, fit: MemoryFit, path: Path) -> None:
     )
     axes.legend(fontsize="small", loc="upper left")
     figure.tight_layout()
-    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
+    write_png_atomically(path, figure)
     plt.close(figure)

@@ -12,9 +12,10 @@ Known limitations:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -22,6 +23,8 @@ from lisa_tune.errors import InputError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -92,6 +95,28 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, output_dir: Path)
     output_dir.mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(output_dir)
     return wrapped
+
+
+def bundled_tokenizer(tokenizer_dir: Path, texts: Iterable[str], vocab_size: int, profile: Any) -> Any:
+    """Return the tokenizer saved in ``tokenizer_dir``, or train one on ``texts`` for a bundled profile and save it.
+
+    ``profile`` is the ``ModelSource`` of the profile. The trained vocabulary has at most ``vocab_size`` entries and
+    no more than the profile's own. ``texts`` is read only when a tokenizer is trained.
+    """
+    from transformers import AutoTokenizer
+
+    if (tokenizer_dir / "tokenizer.json").is_file():
+        logger.info("using the tokenizer in %s", tokenizer_dir)
+        return AutoTokenizer.from_pretrained(tokenizer_dir)
+    size = min(vocab_size, int(profile.config.get("vocab_size") or vocab_size))
+    tokenizer = train_bpe_tokenizer(texts, size, tokenizer_dir)
+    logger.info(
+        "bundled profile %s has no tokenizer: trained a %d-token BPE tokenizer on the training data, saved in %s",
+        profile.name,
+        len(tokenizer),
+        tokenizer_dir,
+    )
+    return tokenizer
 
 
 class _TextCounter:

@@ -200,7 +200,7 @@ class LisaTrainer:
             if self.config.gradient_checkpointing:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            from lisa_tune.train.tokenizer import train_bpe_tokenizer
+            from lisa_tune.train.tokenizer import bundled_tokenizer
 
             source = resolve_model(self.config.model)
             tokenizer_dir = Path(self.config.tokenizer) if self.config.tokenizer else self.config.run_dir / "tokenizer"
@@ -209,18 +209,9 @@ class LisaTrainer:
                     f"tokenizer directory {tokenizer_dir} has no tokenizer.json; pass a directory written by "
                     "save_pretrained, or leave the tokenizer unset to train one on the data."
                 )
-            if (tokenizer_dir / "tokenizer.json").is_file():
-                self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-            else:
-                vocab_size = min(self.config.tokenizer_vocab_size, int(source.config.get("vocab_size", 4096)))
-                self.tokenizer = train_bpe_tokenizer(record_texts(records), vocab_size, tokenizer_dir)
-                logger.info(
-                    "bundled profile %s has no tokenizer: trained a %d-token BPE tokenizer on the training data, "
-                    "saved in %s",
-                    source.name,
-                    len(self.tokenizer),
-                    tokenizer_dir,
-                )
+            self.tokenizer = bundled_tokenizer(
+                tokenizer_dir, record_texts(records), self.config.tokenizer_vocab_size, source
+            )
             model_config = bundled_model_config(source.config, self.tokenizer)
             torch.manual_seed(self.config.seed)
             self.model = build_model(
@@ -438,7 +429,7 @@ class LisaTrainer:
         return loss
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
-        # One line per record, flushed on close, so a reader polling the file (the tuner) sees whole lines.
+        # One line per record, flushed on close, so a process polling the file (the tuner) reads whole lines.
         with (self.config.run_dir / METRICS).open("a", encoding="utf-8") as stream:
             stream.write(json.dumps(record) + "\n")
 

@@ -17,13 +17,14 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lisa_tune.errors import InputError
+from lisa_tune.files import write_text_atomically
 from lisa_tune.model_config import layer_count
 from lisa_tune.planner.command import parse_budget
 from lisa_tune.planner.search import DEFAULT_GAMMA
 from lisa_tune.profiles import resolve_model
-from lisa_tune.train.config import read_plan
+from lisa_tune.train.config import TrainConfig, read_plan
 from lisa_tune.tune import storage as storage_module
-from lisa_tune.tune.report import print_table, write_best, write_plots
+from lisa_tune.tune.report import print_table, write_plots
 from lisa_tune.tune.space import TuneSpace, build_space, default_trial_steps
 from lisa_tune.tune.tuner import StudySettings, Tuner, best_trial, describe, file_digest, make_pruner, make_sampler
 from lisa_tune.units import parse_size
@@ -83,25 +84,14 @@ def _prepare_tokenizer(model: str, records: Any, run_dir: Path) -> tuple[Path | 
     import transformers
 
     from lisa_tune.train.data import record_texts
-    from lisa_tune.train.tokenizer import train_bpe_tokenizer
+    from lisa_tune.train.tokenizer import bundled_tokenizer
 
     path = Path(model).expanduser()
     if path.is_dir():
         return None, transformers.AutoTokenizer.from_pretrained(path)
     tokenizer_dir = run_dir / "tokenizer"
-    if (tokenizer_dir / "tokenizer.json").is_file():
-        logger.info("using the tokenizer trained for this run directory earlier, in %s", tokenizer_dir)
-        return tokenizer_dir, transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    source = resolve_model(model)
-    vocab = min(4096, int(source.config.get("vocab_size", 4096)))
-    tokenizer = train_bpe_tokenizer(record_texts(records), vocab, tokenizer_dir)
-    logger.info(
-        "bundled profile %s has no tokenizer: trained a %d-token BPE tokenizer on the data for all trials, saved in %s",
-        source.name,
-        len(tokenizer),
-        tokenizer_dir,
-    )
-    return tokenizer_dir, tokenizer
+    vocab_size = TrainConfig.tokenizer_vocab_size
+    return tokenizer_dir, bundled_tokenizer(tokenizer_dir, record_texts(records), vocab_size, resolve_model(model))
 
 
 def build_settings(options: TuneOptions) -> StudySettings:
@@ -191,8 +181,8 @@ def build_settings(options: TuneOptions) -> StudySettings:
 def recommendation(space: TuneSpace, plan: dict[str, Any], fitting: list[tuple[int, int]]) -> dict[str, Any]:
     """Return the first trial, chosen as the planner chooses among the (gamma, micro-batch) pairs that fit.
 
-    That is the plan's gamma (2 without a plan) or the largest smaller one that fits, else the smallest that fits, at
-    the plan's micro-batch when it fits, else the largest that fits; K is the plan's, else the middle of the space.
+    Gamma is the plan's (2 without a plan) or the largest smaller one that fits, else the smallest that fits. The
+    micro-batch is the plan's when it fits, else the largest that fits. K is the plan's, else the middle of the space.
     """
     target = int(plan.get("gamma", DEFAULT_GAMMA))
     gammas = sorted({gamma for gamma, _ in fitting})
@@ -261,7 +251,8 @@ def run_tune(options: TuneOptions) -> int:
 
             settings.model_config = bundled_model_config(settings.model_config, tokenizer)
             settings.tokenizer_dir = tokenizer_dir.resolve()
-        fitting = MemoryFilter(settings).check_space()
+        memory = MemoryFilter(settings)
+        fitting = memory.check_space()
         settings.recommended = recommendation(settings.space, settings.plan, fitting)
         blocks = training_blocks(settings, records, tokenizer)
         optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -273,7 +264,7 @@ def run_tune(options: TuneOptions) -> int:
         elif not had_tokenizer:
             shutil.rmtree(options.run_dir / "tokenizer", ignore_errors=True)
         raise
-    tuner = Tuner(settings, study, options.trials)
+    tuner = Tuner(settings, study, options.trials, memory)
     for orphan in storage_module.fail_orphaned_trials(study, storage):
         if orphan.params:
             study.enqueue_trial(orphan.params, user_attrs={"retry_of": orphan.number})
@@ -327,7 +318,7 @@ def finish(settings: StudySettings, options: TuneOptions, study: optuna.Study, e
     text = "# Written by lisa-tune tune; lisa-tune train --config reads it.\n" + yaml.safe_dump(
         document, sort_keys=False
     )
-    write_best(path, text)
+    write_text_atomically(path, text)
     write_plots(study, settings.run_dir)
     logger.info(
         "best: trial %d, gamma %d, K %d, held-out loss %.4f; written to %s",
@@ -338,7 +329,7 @@ def finish(settings: StudySettings, options: TuneOptions, study: optuna.Study, e
         path,
     )
     if options.launch:
-        launch(settings, options.launch_steps or epoch_steps, document)
+        launch(settings, options.launch_steps or epoch_steps, path)
     return 0
 
 
@@ -389,20 +380,18 @@ def training_blocks(settings: StudySettings, records: Any, tokenizer: Any) -> in
     return len(train_set)
 
 
-def launch(settings: StudySettings, steps: int, document: dict[str, Any]) -> None:
-    """Train the winner for the full run in RUN_DIR/train, resuming a launch that was interrupted."""
-    from lisa_tune.train.config import TrainConfig
+def launch(settings: StudySettings, steps: int, best: Path) -> None:
+    """Train the winner in ``best`` (best.yaml) for the full run in RUN_DIR/train, resuming an interrupted launch."""
     from lisa_tune.train.trainer import CHECKPOINT, run_training
 
     run_dir = settings.run_dir / LAUNCH_DIR
-    fields = {key: value for key, value in document.items() if key != "tuning"}
-    fields["policy"] = fields.pop("optimizer_state_policy")
+    # The same reading as lisa-tune train --config best.yaml, so both train the same configuration.
     config = TrainConfig(
         data=settings.data,
         run_dir=run_dir,
         eval_fraction=settings.eval_fraction,
         max_steps=steps,
-        **fields,
+        **read_plan(best),
     )
     resume = (run_dir / CHECKPOINT / "state.pt").is_file()
     logger.info(

@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
-from lisa_tune.files import write_atomically
+from lisa_tune.files import write_png_atomically
 from lisa_tune.planner.output import wide_console
 from lisa_tune.tune.tuner import StudySettings, best_trial, format_bytes
 
@@ -29,14 +29,20 @@ def _outcome(trial: FrozenTrial) -> str:
     return outcome
 
 
+def overhead_share(timings: dict[str, float]) -> float | None:
+    """Return the share of a trial process's time spent in ``OVERHEAD``, or None without timings."""
+    overhead = sum(float(timings.get(key, 0.0)) for key in OVERHEAD)
+    total = overhead + float(timings.get("train", 0.0))
+    return overhead / total if total > 0 else None
+
+
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """Return one row per trial with the figures the table and the documentation show."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
-        timings = trial.user_attrs.get("timings") or {}
-        total = sum(float(timings.get(key, 0.0)) for key in (*OVERHEAD, "train")) if timings else None
-        overhead = sum(float(timings.get(key, 0.0)) for key in OVERHEAD)
-        ran = "repeat_of" not in trial.user_attrs and trial.user_attrs.get("counted")
+        share = overhead_share(trial.user_attrs.get("timings") or {})
+        # Repeats never set "counted": they did not run, so they have no duration of their own.
+        ran = trial.user_attrs.get("counted")
         duration = trial.duration.total_seconds() if ran and trial.duration is not None else None
         rows.append(
             {
@@ -51,7 +57,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
                 "predicted_peak_bytes": trial.user_attrs.get("predicted_peak_bytes"),
                 "measured_peak_bytes": trial.user_attrs.get("measured_peak_bytes"),
                 "seconds": round(duration, 1) if duration is not None else None,
-                "overhead_share": round(overhead / total, 3) if total else None,
+                "overhead_share": round(share, 3) if share is not None else None,
             }
         )
     return rows
@@ -105,10 +111,6 @@ def _on_gpu() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def write_best(path: Path, text: str) -> None:
-    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
-
-
 def write_plots(study: optuna.Study, run_dir: Path) -> list[Path]:
     """Write the optimisation history and a gamma-by-K map of held-out loss as PNG files."""
     import matplotlib
@@ -142,7 +144,7 @@ def write_plots(study: optuna.Study, run_dir: Path) -> list[Path]:
     axes.legend()
     figure.tight_layout()
     history = run_dir / HISTORY_PLOT
-    write_atomically(history, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
+    write_png_atomically(history, figure)
     plt.close(figure)
     return [history, _write_map(complete, pruned, run_dir / MAP_PLOT)]
 
@@ -178,6 +180,6 @@ def _write_map(complete: list[FrozenTrial], pruned: list[FrozenTrial], path: Pat
     figure.colorbar(image, ax=axes, label="best held-out loss")
     axes.set_title("Held-out loss by gamma and K")
     figure.tight_layout()
-    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
+    write_png_atomically(path, figure)
     plt.close(figure)
     return path

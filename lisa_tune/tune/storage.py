@@ -132,14 +132,13 @@ def fail_orphaned_trials(study: optuna.Study, storage: optuna.storages.RDBStorag
     ``GRACE_SECONDS``.
     """
     host = socket.gethostname()
+    study_id = storage.get_study_id_from_name(study.study_name)
     failed: list[optuna.trial.FrozenTrial] = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         identity = trial.user_attrs.get(WORKER_ATTR)
         if not identity or identity.get("host") != host or _alive(identity):
             continue
-        trial_id = storage.get_trial_id_from_study_id_trial_number(
-            storage.get_study_id_from_name(study.study_name), trial.number
-        )
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         if storage.set_trial_state_values(trial_id, TrialState.FAIL):
             logger.warning(
                 "trial %d was left running by process %s, which is gone; marked failed and queued again",

@@ -167,6 +167,7 @@ class MemoryFilter:
         self.settings = settings
         self.fits = FitCache(settings.model_config, settings.model, settings.attention, "foreach")
         self.usable = usable_bytes(settings.budget, settings.margin)
+        self._fitting: list[tuple[int, int]] | None = None
 
     def predict(self, gamma: int, micro_batch: int) -> Prediction:
         s = self.settings
@@ -193,6 +194,11 @@ class MemoryFilter:
 
     def check_space(self) -> list[tuple[int, int]]:
         """Return the (gamma, micro-batch) pairs that fit; raise when none does, saying what would."""
+        if self._fitting is None:
+            self._fitting = self._find_fitting()
+        return self._fitting
+
+    def _find_fitting(self) -> list[tuple[int, int]]:
         s = self.settings
         fitting = [pair for pair in s.space.memory_grid() if self.predict(*pair).overshoot_bytes <= 0]
         if fitting:
@@ -250,45 +256,45 @@ class MetricsReader:
 class Tuner:
     """Run one study: sample, filter by memory, run trials in child processes, record results."""
 
-    def __init__(self, settings: StudySettings, study: optuna.Study, trials: int) -> None:
+    def __init__(
+        self, settings: StudySettings, study: optuna.Study, trials: int, memory: MemoryFilter | None = None
+    ) -> None:
         self.settings = settings
         self.study = study
         self.trials = trials
-        self.memory = MemoryFilter(settings)
+        self.memory = memory or MemoryFilter(settings)
         self.skipped_in_a_row = 0
 
     # Bookkeeping --------------------------------------------------------------------------------------------
 
     def counted(self) -> list[FrozenTrial]:
-        """Return the finished trials that ran (or were repeats of a run); these count towards ``--trials``."""
+        """Return the finished trials that ran, which count towards ``--trials``; repeats of them do not."""
         return [
             trial
             for trial in self.study.get_trials(deepcopy=False)
             if trial.state != TrialState.RUNNING and trial.user_attrs.get("counted")
         ]
 
-    def _ran(self) -> list[FrozenTrial]:
-        return [t for t in self.counted() if "repeat_of" not in t.user_attrs]
-
     def exhausted(self) -> bool:
-        """True when every feasible configuration of a discrete space has run."""
-        size = self.settings.space.grid_size()
-        if size is None:
+        """Return True when every feasible configuration of a discrete space has run."""
+        if self.settings.space.grid_size() is None:
             return False
+        ran = self.counted()
         feasible = {
             (g, k, m)
             for g, m in self.memory.check_space()
             for k in self.settings.space.intervals
-            if not self._known_out_of_memory(self.memory.predict(g, m))
+            if not self._known_out_of_memory(self.memory.predict(g, m), ran)
         }
-        done = {(t.params["gamma"], t.params["interval"], self._micro(t.params)) for t in self._ran()}
+        done = {(t.params["gamma"], t.params["interval"], self._micro(t.params)) for t in ran}
         return feasible <= done
 
     def _micro(self, params: dict[str, Any]) -> int:
         return int(params.get("micro_batch_size", self.settings.space.micro_batches[0]))
 
-    def _known_out_of_memory(self, prediction: Prediction) -> FrozenTrial | None:
-        for trial in self._ran():
+    @staticmethod
+    def _known_out_of_memory(prediction: Prediction, ran: list[FrozenTrial]) -> FrozenTrial | None:
+        for trial in ran:
             oom = trial.user_attrs.get("outcome") == "out of memory"
             if oom and prediction.peak_bytes >= trial.user_attrs["predicted_peak_bytes"]:
                 return trial
@@ -321,7 +327,8 @@ class Tuner:
         trial.set_user_attr("predicted_tensor_peak_bytes", prediction.tensor_peak_bytes)
         if prediction.overshoot_bytes > 0:
             self._infeasible(trial, prediction.overshoot_bytes, "predicted not to fit")
-        oom = self._known_out_of_memory(prediction)
+        ran = self.counted()
+        oom = self._known_out_of_memory(prediction, ran)
         if oom is not None:
             self._infeasible(
                 trial,
@@ -329,7 +336,7 @@ class Tuner:
                 f"predicted to need at least as much as trial {oom.number}, which ran out of memory",
             )
         if not self.settings.space.learning_rate.searched:
-            for earlier in self._ran():
+            for earlier in ran:
                 same = (earlier.params["gamma"], earlier.params["interval"], self._micro(earlier.params))
                 if same == (gamma, interval, micro):
                     return self._repeat(trial, earlier)

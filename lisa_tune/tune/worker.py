@@ -60,9 +60,9 @@ def virtual_memory_peak() -> int | None:
 
 def write_result(trial_dir: Path, result: dict[str, Any]) -> None:
     """Write ``result.json`` through a temporary file, so the tuner never reads half of it."""
-    from lisa_tune.files import write_atomically
+    from lisa_tune.files import write_text_atomically
 
-    write_atomically(trial_dir / RESULT, lambda path: path.write_text(json.dumps(result), encoding="utf-8"))
+    write_text_atomically(trial_dir / RESULT, json.dumps(result))
 
 
 def run(trial_dir: Path) -> int:
