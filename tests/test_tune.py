@@ -102,7 +102,9 @@ def test_learning_rate_fixed_or_range() -> None:
 
 def test_micro_batches_must_divide_the_batch() -> None:
     space = build_space(4, None, None, "1,2,4", 8, "3e-4")
-    assert space.gammas == [1, 2, 4] and space.intervals == [5, 10, 20] and space.grid_size() == 27
+    assert space.gammas == [1, 2, 4]
+    assert space.intervals == [5, 10, 20]
+    assert space.grid_size() == 27
     with pytest.raises(InputError, match="does not divide --batch 6"):
         build_space(4, None, None, "4", 6, "3e-4")
 
@@ -154,7 +156,7 @@ def test_pruner_judges_second_half_against_distinct_trials() -> None:
 # Studies ----------------------------------------------------------------------------------------------------------
 
 
-def test_configuration_predicted_not_to_fit_is_infeasible_and_never_runs(tmp_path: Path) -> None:
+def test_predicted_misfit_never_runs(tmp_path: Path) -> None:
     # At 0.6 GB, micro-batch 1 is predicted to fit and micro-batch 64 is not. The study's first trial is micro-batch
     # 64, queued as a sampler might suggest it.
     run_dir = tmp_path / "study"
@@ -180,12 +182,14 @@ def test_configuration_predicted_not_to_fit_is_infeasible_and_never_runs(tmp_pat
     )
     study.enqueue_trial({"gamma": 1, "interval": 1, "micro_batch_size": 64})
     Tuner(settings, study, trials=1).run(lambda study, trial: None)
+
     first = study.trials[0]
     assert first.params["micro_batch_size"] == 64
     assert first.state == TrialState.PRUNED
     assert first.constraints[CONSTRAINT] > 0
     assert first.user_attrs["outcome"] == "predicted not to fit"
     assert not (run_dir / "trials" / "0000").exists()
+
     ran = counted(study)
     assert len(ran) == 1
     assert ran[0].params["micro_batch_size"] == 1
@@ -223,20 +227,14 @@ def test_first_trial_is_the_largest_fitting_micro_batch(tmp_path: Path) -> None:
     assert read_plan(run_dir / "best.yaml")["micro_batch_size"] == 2
 
 
-def test_trial_out_of_memory_is_infeasible_and_the_study_goes_on(tmp_path: Path) -> None:
+def test_out_of_memory_trial_infeasible(tmp_path: Path) -> None:
     data = write_records(tmp_path / "data.jsonl")
     # The cap is measured, not guessed: a first study runs micro-batch 1 and records the trial's address-space peak.
     probe = tmp_path / "probe"
-    assert (
-        main(
-            tune_args(
-                data, probe, "--gpu", "24GB", "--gamma", "1", "--interval", "1", "--batch", "1", "--seq", "64", trials=1
-            )
-        )
-        == 0
-    )
+    assert main(one_config_args(data, probe, "--batch", "1", "--seq", "64", trials=1)) == 0
     peak = counted(load_study(probe))[0].user_attrs["virtual_memory_peak_bytes"]
     cap = peak + 150 * 2**20
+
     # Micro-batch 64 at 64 tokens needs several hundred MB more than micro-batch 1: its logits alone are 64 MiB.
     run_dir = tmp_path / "capped"
     args = one_config_args(
@@ -255,17 +253,21 @@ def test_trial_out_of_memory_is_infeasible_and_the_study_goes_on(tmp_path: Path)
         trials=2,
     )
     assert main(args) == 0
-    study = load_study(run_dir)
-    trials = study.trials
+
+    trials = load_study(run_dir).trials
     oom = trials[0]
     assert oom.params["micro_batch_size"] == 64
     assert oom.user_attrs["outcome"] == "out of memory"
-    assert oom.state == TrialState.PRUNED and oom.constraints[CONSTRAINT] > 0
+    assert oom.state == TrialState.PRUNED
+    assert oom.constraints[CONSTRAINT] > 0
     result = json.loads((run_dir / "trials" / "0000" / "result.json").read_text(encoding="utf-8"))
-    assert result["status"] == "out_of_memory" and result["requested_bytes"] > 0
+    assert result["status"] == "out_of_memory"
+    assert result["requested_bytes"] > 0
+
     # The study went on: micro-batch 1 completed under the same cap, and no later trial ran micro-batch 64 again.
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert complete and all(t.params["micro_batch_size"] == 1 for t in complete)
+    assert complete
+    assert all(t.params["micro_batch_size"] == 1 for t in complete)
     for later in trials[1:]:
         if later.params["micro_batch_size"] == 64:
             assert "ran out of memory" in later.user_attrs["outcome"]
@@ -287,7 +289,7 @@ def _worker_processes(marker: str) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="the process checks read Linux's /proc")
-def test_sigkill_mid_study_resumes_without_repeating_or_stuck_trials(tmp_path: Path) -> None:
+def test_sigkill_resume_leaves_no_running(tmp_path: Path) -> None:
     data = write_records(tmp_path / "data.jsonl")
     run_dir = tmp_path / "killed"
     args = [
@@ -333,7 +335,8 @@ def test_sigkill_mid_study_resumes_without_repeating_or_stuck_trials(tmp_path: P
         assert study.trials[number].value == value
     assert len(counted(study)) == 4
     retried = [t for t in study.trials if t.user_attrs.get("retry_of") == killed.number]
-    assert len(retried) == 1 and retried[0].params == killed.params
+    assert len(retried) == 1
+    assert retried[0].params == killed.params
     # Finished configurations were not run again: each trial folder with a result belongs to one counted trial.
     assert len(list(run_dir.glob("trials/*/result.json"))) == len(
         [t for t in counted(study) if "repeat_of" not in t.user_attrs]
@@ -342,9 +345,7 @@ def test_sigkill_mid_study_resumes_without_repeating_or_stuck_trials(tmp_path: P
 
 @pytest.mark.slow
 @requires_data
-def test_study_on_alpaca_data_picks_a_winner_and_launches_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_alpaca_study_launches_winner(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Eight trials over gamma, K and the micro-batch on the real data; the pruner may stop some early.
     run_dir = tmp_path / "alpaca"
     args = tune_args(
@@ -378,12 +379,14 @@ def test_study_on_alpaca_data_picks_a_winner_and_launches_it(
         # Same data, same number of tokens: every trial saw the same 6 steps x 2 sequences x 64 tokens.
         assert trial.user_attrs["tokens"] == 6 * 2 * 64
         assert trial.user_attrs["tokens_per_second"] > 0
-        assert trial.user_attrs["predicted_peak_bytes"] > 0 and trial.user_attrs["measured_peak_bytes"] > 0
+        assert trial.user_attrs["predicted_peak_bytes"] > 0
+        assert trial.user_attrs["measured_peak_bytes"] > 0
     for name in ("history.png", "gamma_k.png"):
         assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     output = capsys.readouterr()
     assert "Trials of study alpaca" in output.out
-    assert "held-out loss" in output.err and "best" in output.err
+    assert "held-out loss" in output.err
+    assert "best" in output.err
     # The launched run trains the winner and saves a model that transformers loads.
     model = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "train" / "final")
     assert model.config.num_hidden_layers == 4
